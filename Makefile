@@ -1,0 +1,52 @@
+# The index of the project: every command a person runs. `make help` lists them.
+# `make run` and `make test` each do all the set-up on a fresh clone (venv, install, certs,
+# keys, databases), so nothing has to be prepared by hand.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+# The SAST gate: bandit fails the build on any high-severity finding.
+SAST_PATHS ?= gateway upstream
+
+.PHONY: help venv setup run test test-policy lint sast bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP) ## create .venv and install the project with its dev tools
+
+setup: venv ## create dev certs, signing key, upstream secret and databases in var/ (idempotent)
+	$(PY) -m gateway setup
+	$(PY) -m upstream db init
+
+run: setup ## run the upstream and the gateway in the foreground until Ctrl-C
+	PYTHON=$(PY) scripts/run-dev.sh
+
+test-policy: venv ## run the Rego tests beside the policy
+	$(PY) -m gateway policy test
+
+test: venv test-policy ## run the Rego tests and the whole pytest suite (real TLS, processes, DuckDB)
+	$(PY) -m pytest
+
+sast: venv ## bandit over the code: non-zero on any high-severity finding
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive $(SAST_PATHS) --severity-level high
+
+lint: venv sast ## ruff (lint + format check), mypy strict, bandit gate
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and schema micro-benchmarks
+	$(PY) bench/run.py
+
+clean: ## remove generated state (var/) and caches; keeps .venv
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,200 @@
+"""Audit events: one per request, as a JSON line at once and into DuckDB in batches.
+
+The DuckDB writes run in a thread every flush interval (a write per request on the event loop
+would stall it); close() drains the queue so a clean shutdown loses nothing. Never records a
+credential: the event is built from the context's established facts, not from raw headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any
+
+import duckdb
+import structlog
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from gateway.pipeline import RequestContext
+
+log = structlog.get_logger("gateway.audit")
+
+COLUMNS = (
+    "event_id", "time", "kind", "request_id", "subject", "roles", "issuer", "method", "path",
+    "route", "decision", "reason_id", "status", "latency_ms", "upstream_ms",
+    "policy_revision", "reasons", "remote_addr", "user_agent", "detail",
+)  # fmt: skip
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_events (
+    event_id VARCHAR PRIMARY KEY,
+    time TIMESTAMPTZ NOT NULL,
+    kind VARCHAR NOT NULL,
+    request_id VARCHAR,
+    subject VARCHAR,
+    roles VARCHAR[],
+    issuer VARCHAR,
+    method VARCHAR,
+    path VARCHAR,
+    route VARCHAR,
+    decision VARCHAR,
+    reason_id VARCHAR,
+    status INTEGER,
+    latency_ms DOUBLE,
+    upstream_ms DOUBLE,
+    policy_revision VARCHAR,
+    reasons VARCHAR[],
+    remote_addr VARCHAR,
+    user_agent VARCHAR,
+    detail JSON
+)
+"""
+
+
+def request_event(ctx: RequestContext) -> dict[str, Any]:
+    """The audit event of one request, shaped for a SIEM (flat, stable field names)."""
+    principal = ctx.principal
+    decision = ctx.decision
+    allowed = not ctx.reason_id
+    detail = dict(ctx.detail)
+    if ctx.message and not allowed:
+        detail["message"] = ctx.message
+    return {
+        "event_id": ctx.request_id,
+        "time": datetime.fromtimestamp(ctx.wall_time, UTC).isoformat(timespec="milliseconds"),
+        "kind": "request",
+        "request_id": ctx.request_id,
+        "subject": principal.sub if principal else None,
+        "roles": list(principal.roles) if principal else [],
+        "issuer": principal.issuer if principal else None,
+        "method": ctx.request.method,
+        "path": ctx.path or ctx.request.raw_path[:512],
+        "route": ctx.route_name,
+        "decision": "allow" if allowed else "deny",
+        "reason_id": ctx.reason_id or None,
+        "status": ctx.status,
+        "latency_ms": round(ctx.elapsed_ms, 3),
+        "upstream_ms": round(ctx.upstream_ms, 3) if ctx.upstream_ms is not None else None,
+        "policy_revision": decision.revision if decision else None,
+        "reasons": list(decision.reasons) if decision else [],
+        "remote_addr": ctx.request.remote,
+        "user_agent": ctx.request.headers.get("User-Agent", "")[:256],
+        "detail": detail,
+    }
+
+
+class AuditWriter:
+    """Writes audit events: JSON lines immediately, DuckDB rows in batches off the loop."""
+
+    def __init__(
+        self,
+        *,
+        jsonl_path: str,
+        db_path: Path | None,
+        flush_interval_seconds: float,
+        batch_size: int,
+    ) -> None:
+        self._stream: IO[str] = sys.stdout if jsonl_path == "-" else _open_append(jsonl_path)
+        self._owns_stream = jsonl_path != "-"
+        self._db_path = db_path
+        self._interval = flush_interval_seconds
+        self._batch_size = batch_size
+        self._pending: list[dict[str, Any]] = []
+        self._db: duckdb.DuckDBPyConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.written = 0
+
+    async def start(self) -> None:
+        """Open the audit table (off the loop) and start the periodic flusher."""
+        if self._db_path is not None:
+            self._db = await asyncio.to_thread(_open_db, self._db_path)
+        self._task = asyncio.create_task(self._flush_periodically(), name="audit-flusher")
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Record one event: the JSON line now, the row at the next flush."""
+        self._stream.write(json.dumps(event, separators=(",", ":"), default=str) + "\n")
+        self._stream.flush()
+        if self._db is not None:
+            self._pending.append(event)
+            if len(self._pending) >= self._batch_size:
+                self._wake.set()
+
+    def emit_request(self, ctx: RequestContext) -> None:
+        """The pipeline observer: one event per request."""
+        self.emit(request_event(ctx))
+
+    async def flush(self) -> None:
+        """Write what is pending to DuckDB in one transaction, in a thread."""
+        if self._db is None or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(_insert, self._db, batch)
+        except Exception:
+            # Keep the events for the next attempt rather than drop them.
+            self._pending[:0] = batch
+            log.exception("audit.flush_failed", pending=len(self._pending))
+            raise
+        self.written += len(batch)
+
+    async def close(self) -> None:
+        """Stop the flusher and drain everything (SIGTERM path)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        if self._db is not None:
+            await asyncio.to_thread(self._db.close)
+        if self._owns_stream:
+            self._stream.close()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            self._wake.clear()
+            with contextlib.suppress(Exception):  # logged in flush; retried next round
+                await self.flush()
+
+
+def _open_append(path: str) -> IO[str]:
+    from pathlib import Path  # noqa: PLC0415 - only the file sink needs it
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return Path(path).open("a", encoding="utf-8", buffering=1)
+
+
+def _open_db(path: Path) -> duckdb.DuckDBPyConnection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = duckdb.connect(str(path))
+    connection.execute(_SCHEMA)
+    return connection
+
+
+def _insert(connection: duckdb.DuckDBPyConnection, batch: list[dict[str, Any]]) -> None:
+    row_sql = "(" + ",".join("?" * len(COLUMNS)) + ")"
+    connection.execute("BEGIN TRANSACTION")
+    try:
+        for start in range(0, len(batch), 200):
+            chunk = batch[start : start + 200]
+            params: list[Any] = []
+            for event in chunk:
+                params.extend(_row(event))
+            sql = f"INSERT INTO audit_events ({','.join(COLUMNS)}) VALUES "  # noqa: S608 - fixed column names
+            connection.execute(sql + ",".join([row_sql] * len(chunk)), params)
+        connection.execute("COMMIT")
+    except Exception:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _row(event: dict[str, Any]) -> list[Any]:
+    row = [event.get(column) for column in COLUMNS]
+    row[COLUMNS.index("detail")] = json.dumps(event.get("detail") or {}, default=str)
+    return row

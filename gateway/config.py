@@ -1,0 +1,280 @@
+"""Typed, frozen gateway configuration loaded once from TOML and validated at start.
+
+An unknown key, a bad value or a missing file stops the start with a message naming the key:
+a typo must never silently disable a control. Nothing else in the gateway reads os.environ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+DEFAULT_CONFIG = Path("config/gateway.toml")
+ENV_PREFIX = "GATEWAY__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Listening sockets."""
+
+    host: str = "127.0.0.1"
+    https_port: int = 8443
+    http_port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9464
+    public_name: str = "localhost"
+    environment: Literal["development", "production"] = "development"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """The server certificate; generate dev ones with `gateway certs dev`."""
+
+    cert_file: Path = Path("var/certs/server.pem")
+    key_file: Path = Path("var/certs/server-key.pem")
+    ca_file: Path = Path("var/certs/ca.pem")
+    ca_key_file: Path = Path("var/certs/ca-key.pem")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where the EMP service is and how the gateway proves itself to it."""
+
+    url: str = "http://127.0.0.1:8081"
+    secret_file: Path = Path("var/secrets/upstream.secret")
+    connect_timeout_seconds: float = 2.0
+    read_timeout_seconds: float = 30.0
+    pool_size: int = 256
+    health_path: str = "/healthz"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request size limits (a route may lower its own)."""
+
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    """A trusted token issuer: tokens whose `iss` is this are verified with its JWKS."""
+
+    issuer: str
+    jwks_uri: str
+    audiences: tuple[str, ...]
+    roles_claim: str = "roles"
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DevIssuerConfig:
+    """The gateway's own issuer: keys in key_dir, JWKS served at /.well-known/jwks.json."""
+
+    enabled: bool = True
+    issuer: str = "https://localhost:8443"
+    audience: str = "emp-api"
+    key_dir: Path = Path("var/keys")
+    default_ttl_seconds: int = 900
+    max_ttl_seconds: int = 86_400
+
+
+@dataclass(frozen=True)
+class AuthnConfig:
+    """Bearer-token verification."""
+
+    leeway_seconds: int = 30
+    jwks_cache_seconds: int = 300
+    jwks_refetch_cooldown_seconds: int = 30
+    jwks_fetch_timeout_seconds: float = 5.0
+    max_token_bytes: int = 8192
+    verified_cache_size: int = 10_000
+    verified_cache_seconds: int = 60
+    allowed_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    issuers: tuple[IssuerConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Where the Rego lives and what to ask it."""
+
+    dir: Path = Path("policies")
+    entrypoint: str = "gateway/authz/decision"
+    eval_budget_ms: float = 50.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Where audit events go: JSON lines at once, DuckDB in batches off the event loop."""
+
+    jsonl_path: str = "var/audit.jsonl"
+    db_path: Path = Path("var/audit.duckdb")
+    flush_interval_seconds: float = 0.1
+    batch_size: int = 500
+
+
+@dataclass(frozen=True)
+class RoutesConfig:
+    """The route table and its request schemas."""
+
+    file: Path = Path("config/routes.toml")
+    schema_dir: Path = Path("config/schemas")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Operational logs (the audit trail is separate)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole gateway configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    authn: AuthnConfig = field(default_factory=AuthnConfig)
+    dev_issuer: DevIssuerConfig = field(default_factory=DevIssuerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+T = TypeVar("T")
+
+
+def load_config(
+    path: Path | None = None, env: typing.Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Load, override from the environment, validate and freeze the gateway configuration.
+
+    Environment overrides are `GATEWAY__SECTION__KEY=value` (TOML syntax for the value, bare
+    strings allowed), e.g. `GATEWAY__SERVER__HTTPS_PORT=9443`.
+    """
+    path = path or DEFAULT_CONFIG
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _apply_env(raw, os.environ if env is None else env)
+    config = _build(GatewayConfig, raw, "")
+    _check(config)
+    return config
+
+
+def _apply_env(raw: dict[str, Any], env: typing.Mapping[str, str]) -> None:
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX) :].lower().split("__")
+        target = raw
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        try:
+            value: Any = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        target[keys[-1]] = value
+
+
+def _build(cls: type[T], raw: Any, where: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]!s} (known: {', '.join(sorted(fields))})")
+    values: dict[str, Any] = {}
+    for name, spec in fields.items():
+        key = f"{where}{name}"
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], key)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(options[0], value, key)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(hint))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        item = get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty path string")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check(config: GatewayConfig) -> None:
+    """Cross-field checks that a type cannot express."""
+    _check_server(config)
+    _check_authn(config)
+    if config.limits.max_body_bytes <= 0:
+        raise ConfigError("limits.max_body_bytes must be positive")
+    if config.server.environment == "production" and config.dev_issuer.enabled:
+        raise ConfigError("dev_issuer.enabled must be false when server.environment = production")
+
+
+def _check_server(config: GatewayConfig) -> None:
+    ports = [config.server.https_port, config.server.admin_port]
+    if config.server.http_port:
+        ports.append(config.server.http_port)
+    if len(set(ports)) != len(ports):
+        raise ConfigError("server: https_port, http_port and admin_port must differ")
+    for port in ports:
+        if not 0 < port < 65536:  # noqa: PLR2004 - the TCP port range
+            raise ConfigError(f"server: port {port} is outside 1..65535")
+
+
+def _check_authn(config: GatewayConfig) -> None:
+    allowed = {"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"}
+    bad = set(config.authn.allowed_algorithms) - allowed
+    if bad:
+        # Symmetric and 'none' algorithms are never acceptable for tokens from a JWKS.
+        raise ConfigError(
+            f"authn.allowed_algorithms: {sorted(bad)} not allowed; use {sorted(allowed)}"
+        )
+    if not config.authn.issuers and not config.dev_issuer.enabled:
+        raise ConfigError("authn.issuers is empty and dev_issuer is disabled: no token could pass")
+    for i, issuer in enumerate(config.authn.issuers):
+        if not issuer.audiences:
+            raise ConfigError(f"authn.issuers[{i}].audiences must name at least one audience")
+        if not issuer.jwks_uri.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise ConfigError(f"authn.issuers[{i}].jwks_uri must be https (or loopback http)")

@@ -1,0 +1,80 @@
+"""Every Prometheus metric of the gateway, defined in one place.
+
+Label values come from closed sets (route names, reason ids, status codes), never from
+request data, so a client cannot blow up the series count.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from gateway.pipeline import RequestContext
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_EVAL_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05)
+
+
+class GatewayMetrics:
+    """The metric families, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests by route, status and decision",
+            ["route", "status", "decision"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "gateway_request_duration_seconds", "Time from request in to response out",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.denials = Counter(
+            "gateway_denials", "Refused requests by reason id and route",
+            ["reason_id", "route"], registry=r,
+        )  # fmt: skip
+        self.authn_failures = Counter(
+            "gateway_authn_failures", "Failed authentications by reason id", ["reason_id"],
+            registry=r,
+        )  # fmt: skip
+        self.policy_denials = Counter(
+            "gateway_policy_denials", "Policy denials by route", ["route"], registry=r
+        )
+        self.validation_failures = Counter(
+            "gateway_validation_failures", "Validation failures by route and reason id",
+            ["route", "reason_id"], registry=r,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by reason id", ["reason_id"], registry=r
+        )
+        self.policy_eval = Histogram(
+            "gateway_policy_eval_seconds", "Policy evaluation time", buckets=_EVAL_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.policy_info = Gauge(
+            "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
+        )
+        self.audit_written = Counter("gateway_audit_events", "Audit events emitted", registry=r)
+
+    def observe_request(self, ctx: RequestContext) -> None:
+        """The pipeline observer: the request counters and histograms."""
+        route = ctx.route_name
+        reason = ctx.reason_id
+        self.requests.labels(route, str(ctx.status), "deny" if reason else "allow").inc()
+        self.latency.labels(route).observe(ctx.elapsed_ms / 1000.0)
+        if ctx.decision is not None:
+            self.policy_eval.observe(ctx.decision.eval_us / 1e6)
+        if not reason:
+            return
+        self.denials.labels(reason, route).inc()
+        family = reason.partition(".")[0]
+        if family == "authn":
+            self.authn_failures.labels(reason).inc()
+        elif reason == "authz.denied":
+            self.policy_denials.labels(route).inc()
+        elif family == "validation":
+            self.validation_failures.labels(route, reason).inc()
+        elif family == "upstream":
+            self.upstream_errors.labels(reason).inc()

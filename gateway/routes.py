@@ -1,0 +1,147 @@
+"""The route table: every upstream route by name, loaded from config/routes.toml.
+
+Matching happens once, on the normalised path. The policy decides on the route's resource and
+action; the validator picks the route's schemas. A path no route names never reaches the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+_PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)(?::((?:[^{}]|\{[^{}]*\})+))?\}")
+_DEFAULT_PARAM_PATTERN = "[^/]+"
+_KNOWN_KEYS = {
+    "name", "methods", "path", "resource", "action", "schema", "record_schema",
+    "content_types", "max_body_bytes", "public",
+}  # fmt: skip
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One named route: what it is (resource, action) and how its requests are checked."""
+
+    name: str
+    methods: frozenset[str]
+    path: str
+    resource: str
+    action: str
+    pattern: re.Pattern[str]
+    schema: dict[str, Any] | None = None
+    record_schema: dict[str, Any] | None = None
+    content_types: tuple[str, ...] = ("application/json",)
+    max_body_bytes: int | None = None
+    public: bool = False
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """A route and the path parameters it captured."""
+
+    route: Route
+    params: dict[str, str] = field(default_factory=dict)
+
+
+class RouteTable:
+    """Match a normalised path and method against the configured routes."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = tuple(routes)
+        names = [r.name for r in routes]
+        duplicated = {n for n in names if names.count(n) > 1}
+        if duplicated:
+            raise ConfigError(f"routes: duplicate route name(s) {sorted(duplicated)}")
+
+    def match(self, method: str, path: str) -> tuple[RouteMatch | None, frozenset[str]]:
+        """The route for (method, path), or None plus the methods the path does allow."""
+        allowed: set[str] = set()
+        for route in self.routes:
+            found = route.pattern.fullmatch(path)
+            if found is None or any("/" in value for value in found.groupdict().values()):
+                # A parameter never spans segments, whatever pattern the table gives it.
+                continue
+            if method in route.methods or (method == "HEAD" and "GET" in route.methods):
+                return RouteMatch(route, found.groupdict()), frozenset()
+            allowed |= route.methods
+        return None, frozenset(allowed)
+
+
+def compile_path(path: str) -> re.Pattern[str]:
+    """Turn `/api/tickets/{id:[0-9]+}` into an anchored regex with named groups."""
+    if not path.startswith("/"):
+        raise ConfigError(f"routes: path {path!r} must start with '/'")
+    out: list[str] = []
+    last = 0
+    for param in _PARAM.finditer(path):
+        out.append(re.escape(path[last : param.start()]))
+        out.append(f"(?P<{param.group(1)}>{param.group(2) or _DEFAULT_PARAM_PATTERN})")
+        last = param.end()
+    out.append(re.escape(path[last:]))
+    try:
+        return re.compile("".join(out))
+    except re.error as exc:
+        raise ConfigError(f"routes: path {path!r} has a bad parameter pattern: {exc}") from None
+
+
+def load_routes(file: Path, schema_dir: Path) -> RouteTable:
+    """Read the route table and the schemas it names; any mistake stops the start."""
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: route table not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    entries = raw.get("route", [])
+    if set(raw) - {"route"} or not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{file}: expected one or more [[route]] tables and nothing else")
+    return RouteTable([_route(entry, i, schema_dir) for i, entry in enumerate(entries)])
+
+
+def _route(entry: dict[str, Any], index: int, schema_dir: Path) -> Route:
+    where = f"route[{index}]"
+    unknown = sorted(set(entry) - _KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"routes: unknown key {where}.{unknown[0]}")
+    for key in ("name", "methods", "path", "resource", "action"):
+        if key not in entry:
+            raise ConfigError(f"routes: missing key {where}.{key}")
+    methods = frozenset(str(m).upper() for m in entry["methods"])
+    if not methods or methods - _METHODS:
+        raise ConfigError(f"routes: {where}.methods must be a subset of {sorted(_METHODS)}")
+    return Route(
+        name=str(entry["name"]),
+        methods=methods,
+        path=str(entry["path"]),
+        resource=str(entry["resource"]),
+        action=str(entry["action"]),
+        pattern=compile_path(str(entry["path"])),
+        schema=_schema(entry.get("schema"), schema_dir, f"{where}.schema"),
+        record_schema=_schema(entry.get("record_schema"), schema_dir, f"{where}.record_schema"),
+        content_types=tuple(entry.get("content_types", ("application/json",))),
+        max_body_bytes=entry.get("max_body_bytes"),
+        public=bool(entry.get("public", False)),
+    )
+
+
+def _schema(name: str | None, schema_dir: Path, where: str) -> dict[str, Any] | None:
+    if name is None:
+        return None
+    path = schema_dir / name
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"routes: {where} names {path}, which does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"routes: {where}: {path} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"routes: {where}: {path} must hold a JSON object")
+    return loaded

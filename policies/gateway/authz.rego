@@ -1,0 +1,52 @@
+# METADATA
+# title: EMP gateway authorization
+# description: |
+#   Role-based access control for every routed request. Roles and their permissions are data
+#   (policies/data.json, under data.rbac.roles): a new role is a data edit, not a code change.
+#   The gateway asks for `decision` and checks its shape; anything else is a deny.
+package gateway.authz
+
+import rego.v1
+
+default allow := false
+
+# METADATA
+# description: A role of the subject grants the route's action on the route's resource.
+allow if {
+	_has_subject
+	some role in input.subject.roles
+	input.route.action in data.rbac.roles[role].permissions[input.route.resource]
+}
+
+_has_subject if {
+	is_string(input.subject.sub)
+	input.subject.sub != ""
+}
+
+_known_role(role) if data.rbac.roles[role]
+
+# METADATA
+# description: rbac.no_subject - the request carries no authenticated subject.
+reasons contains "rbac.no_subject" if not _has_subject
+
+# METADATA
+# description: rbac.no_known_role - none of the subject's roles is defined in data.rbac.roles.
+reasons contains "rbac.no_known_role" if {
+	_has_subject
+	not _any_known_role
+}
+
+_any_known_role if {
+	some role in input.subject.roles
+	_known_role(role)
+}
+
+# METADATA
+# description: rbac.action_not_granted - known roles, but none grants this action on this resource.
+reasons contains "rbac.action_not_granted" if {
+	_has_subject
+	_any_known_role
+	not allow
+}
+
+decision := {"allow": allow, "reasons": reasons}

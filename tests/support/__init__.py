@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites (importable as `support` via pytest's pythonpath)."""

@@ -1,0 +1,98 @@
+"""Runs blocking DuckDB work off the event loop: reads on a small pool, writes on one thread.
+
+It must never run a query on the event loop, and never lets two writes race: a single
+writer thread makes DuckDB write-write conflicts rare and the service's own reference
+checks race-free.
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+
+from upstream.errors import ApiError, MigrationError, ReasonId
+from upstream.migrations import discover_migrations, ensure_current
+
+T = TypeVar("T")
+Cursor = duckdb.DuckDBPyConnection
+Work = Callable[[Cursor], T]
+
+# Measured on a 2-core box: point reads peak at ~2,000/s with 2-4 threads and fall off
+# beyond; DuckDB parallelises inside each query, so more Python threads only contend.
+READER_THREADS = 4
+WRITE_ATTEMPTS = 5
+_RETRY_PAUSE_SECONDS = 0.002
+
+
+class Database:
+    """One DuckDB connection shared by per-call cursors (each is its own connection)."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._connection = connection
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="duckdb-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-write")
+
+    @classmethod
+    def open(cls, path: Path) -> "Database":
+        """Connect to an existing, fully migrated database file, or raise MigrationError."""
+        if not path.is_file():
+            raise MigrationError(
+                f"database {path} does not exist; run `python -m upstream db init`"
+            )
+        connection = duckdb.connect(str(path))
+        try:
+            ensure_current(connection, discover_migrations())
+        except BaseException:
+            connection.close()
+            raise
+        return cls(connection)
+
+    def close(self) -> None:
+        """Finish queued work, then release the database file."""
+        self._readers.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
+        self._connection.close()
+
+    async def read(self, work: Work[T]) -> T:
+        """Run ``work(cursor)`` on a reader thread, outside any explicit transaction."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, work)
+
+    async def write(self, work: Work[T]) -> T:
+        """Run ``work(cursor)`` in one transaction on the writer thread, retrying conflicts."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._run_write, work)
+
+    def _run_read(self, work: Work[T]) -> T:
+        with self._connection.cursor() as cursor:
+            return work(cursor)
+
+    def _run_write(self, work: Work[T]) -> T:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return self._run_transaction(work)
+            except duckdb.TransactionException:
+                # Another connection (e.g. a checkpoint) won a write-write conflict;
+                # the transaction is gone, so running it again is safe.
+                if attempt == WRITE_ATTEMPTS:
+                    break
+                time.sleep(_RETRY_PAUSE_SECONDS * attempt)
+        raise ApiError(503, ReasonId.BUSY, "the database is busy; retry the request")
+
+    def _run_transaction(self, work: Work[T]) -> T:
+        with self._connection.cursor() as cursor:
+            cursor.begin()
+            try:
+                result = work(cursor)
+                cursor.commit()
+            except BaseException:
+                # The transaction may already be aborted; rolling back is then a no-op error.
+                with contextlib.suppress(duckdb.Error):
+                    cursor.rollback()
+                raise
+            return result
