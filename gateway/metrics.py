@@ -56,7 +56,6 @@ class GatewayMetrics:
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
-        self.audit_written = Counter("gateway_audit_events", "Audit events emitted", registry=r)
 
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""

@@ -196,6 +196,7 @@ class Pipeline:
             ctx.reason_id, ctx.message = denial.reason_id, denial.message
             return ctx.response
         ctx.status, ctx.reason_id, ctx.message = denial.status, denial.reason_id, denial.message
+        ctx.detail.update(denial.detail)
         ctx.response = denial_response(ctx, denial)
         return ctx.response
 

@@ -92,9 +92,12 @@ class BearerTokenAuthenticator:
 
     async def authenticate(self, ctx: RequestContext) -> Principal | None:
         """Verify the Authorization: Bearer token, if there is one."""
-        header = ctx.request.headers.get("Authorization")
-        if header is None:
+        headers = ctx.request.headers.getall("Authorization", [])
+        if not headers:
             return None
+        if len(headers) > 1:
+            raise refuse("authn.malformed")  # which one counts would be a guess; refuse both
+        header = headers[0]
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
             return None  # another scheme is another authenticator's business
@@ -124,6 +127,9 @@ class BearerTokenAuthenticator:
         except jwt.PyJWTError:
             raise refuse("authn.malformed") from None
         if not isinstance(unverified, dict):
+            raise refuse("authn.malformed")
+        if "crit" in header:
+            # RFC 7515 section 4.1.11: extensions we do not implement must make the token invalid.
             raise refuse("authn.malformed")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:

@@ -28,6 +28,9 @@ STRIPPED_REQUEST = frozenset(
     for h in (
         "Host", "Authorization", "Cookie", "Content-Length", "X-Request-Id", "Forwarded",
         "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP",
+        # Overrides some frameworks honour: the upstream must serve what the policy decided on.
+        "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL",
+        "X-Rewrite-URL",
     )
 )  # fmt: skip
 IDENTITY_PREFIX = "x-gateway-"

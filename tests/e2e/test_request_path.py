@@ -192,6 +192,7 @@ async def test_invalid_payload_names_the_pointer(
     assert (got, body["reason_id"], body["pointer"]) == (status, reason_id, pointer)
     event = one_audit_event(stack, body["request_id"])
     assert event["reason_id"] == reason_id
+    assert event["detail"]["pointer"] == pointer
     assert event["upstream_ms"] is None
 
 

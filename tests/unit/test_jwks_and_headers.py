@@ -79,3 +79,19 @@ def test_upstream_headers_drop_hop_by_hop_credentials_and_spoofed_identity():
     assert sent.getall("X-Gateway-Subject") == ["alice"]
     assert sent["Accept"] == "application/json"
     assert sent["X-Forwarded-For"] != "10.0.0.1"
+
+
+def test_method_and_url_override_headers_are_not_forwarded():
+    """Overrides that would make the upstream serve another method or path than the policy saw."""
+    headers = CIMultiDict(
+        {
+            "X-HTTP-Method-Override": "DELETE",
+            "X-Original-URL": "/api/admin",
+            "X-Rewrite-URL": "/api/admin",
+            "X-Method-Override": "PUT",
+        }
+    )
+    ctx = RequestContext.start(make_mocked_request("GET", "/api/tickets", headers=headers))
+    sent = upstream_request_headers(ctx, "s")
+    for gone in headers:
+        assert gone not in sent
