@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
-from gateway.audit import AuditWriter
+from gateway.audit import AuditWriter, protocol_error_event
 from gateway.jwks import JwksFetcher, KeySource, StaticKeySource, parse_jwks
 from gateway.metrics import GatewayMetrics
 from gateway.pipeline import Pipeline, RequestContext
@@ -34,7 +34,7 @@ from gateway.tls import client_context
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from gateway.config import GatewayConfig
     from gateway.pipeline import Stage
@@ -157,10 +157,28 @@ def _observers(state: GatewayState) -> list[Any]:
     return observers
 
 
+def protocol_error_hook(app: web.Application) -> Callable[[str, int, str, str | None], None]:
+    """Audit and count requests the HTTP parser refused (they never enter the pipeline)."""
+    state = app[STATE]
+
+    def record(request_id: str, status: int, reason_id: str, remote: str | None) -> None:
+        if state.audit is not None:
+            state.audit.emit(protocol_error_event(request_id, status, reason_id, remote))
+        state.metrics.observe_refusal("-", status, reason_id)
+
+    return record
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    # Name the product, not the framework and its version.
+    response.headers["Server"] = "emp-gateway"
+
+
 def build_app(state: GatewayState) -> web.Application:
     """The HTTPS API application."""
     app = web.Application(client_max_size=state.config.limits.max_body_bytes)
     app[STATE] = state
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
 
@@ -176,7 +194,8 @@ def build_app(state: GatewayState) -> web.Application:
             raise web.HTTPServiceUnavailable
         return await state.api(request)
 
-    app.router.add_get("/.well-known/jwks.json", serve_public)
+    if state.dev_jwks is not None:
+        app.router.add_get("/.well-known/jwks.json", serve_public)
     app.router.add_route("*", "/{tail:.*}", serve_api)
     return app
 
@@ -227,9 +246,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _jwks_ssl(config: GatewayConfig) -> ssl.SSLContext:
     cas = [i.ca_file for i in config.authn.issuers if i.ca_file is not None]
-    if len(cas) > 1:
-        raise ValueError("authn.issuers: at most one ca_file is supported")
-    return client_context(cas[0] if cas else None)
+    return client_context(cas[0] if cas else None)  # config allows at most one
 
 
 async def upstream_reachable(app: web.Application) -> bool:

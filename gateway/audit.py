@@ -87,6 +87,34 @@ def request_event(ctx: RequestContext) -> dict[str, Any]:
     }
 
 
+def protocol_error_event(
+    request_id: str, status: int, reason_id: str, remote: str | None
+) -> dict[str, Any]:
+    """The audit event of a request the HTTP parser refused before the pipeline saw it."""
+    return {
+        "event_id": request_id,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "kind": "request",
+        "request_id": request_id,
+        "subject": None,
+        "roles": [],
+        "issuer": None,
+        "method": None,
+        "path": None,
+        "route": "-",
+        "decision": "deny",
+        "reason_id": reason_id,
+        "status": status,
+        "latency_ms": None,
+        "upstream_ms": None,
+        "policy_revision": None,
+        "reasons": [],
+        "remote_addr": remote,
+        "user_agent": None,
+        "detail": {"message": "rejected by the HTTP parser"},
+    }
+
+
 class AuditWriter:
     """Writes audit events: JSON lines immediately, DuckDB rows in batches off the loop."""
 

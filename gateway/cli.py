@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -163,6 +164,7 @@ def cmd_config_check(config: GatewayConfig, _args: argparse.Namespace) -> int:
     from gateway.app import load_state  # noqa: PLC0415 - keeps `token mint` light
 
     state = load_state(config)
+    tls.server_context(config.tls)
     print(f"config ok: {len(state.routes.routes)} routes, policy revision {state.engine.revision}")  # noqa: T201
     return 0
 
@@ -173,28 +175,37 @@ def cmd_serve(config: GatewayConfig, _args: argparse.Namespace) -> int:
 
 
 async def _serve(config: GatewayConfig) -> int:
-    from gateway.app import build_admin_app, build_app, build_redirect_app, load_state  # noqa: PLC0415
+    from gateway.app import (  # noqa: PLC0415 - serve-only imports stay off `token mint`
+        build_admin_app,
+        build_app,
+        build_redirect_app,
+        load_state,
+        protocol_error_hook,
+    )
+    from gateway.server import GatewayRunner  # noqa: PLC0415
 
     state = load_state(config)
     ssl_context = tls.server_context(config.tls)
     api = build_app(state)
     server = config.server
     runners: list[web.AppRunner] = []
-    # Admin first (health answers "not ready" until the API is up), redirect last.
-    plan: list[tuple[web.Application, str, int, object]] = [
-        (build_admin_app(api), server.admin_host, server.admin_port, None),
-        (api, server.host, server.https_port, ssl_context),
+    # Admin first (health answers "not ready" until the API is up), redirect last. Only the API
+    # audits protocol errors; the others still answer them without echoing the request.
+    plan: list[tuple[web.Application, str, int, object, Any]] = [
+        (build_admin_app(api), server.admin_host, server.admin_port, None, None),
+        (api, server.host, server.https_port, ssl_context, protocol_error_hook(api)),
     ]
     if server.http_port:
-        plan.append((build_redirect_app(config), server.host, server.http_port, None))
+        plan.append((build_redirect_app(config), server.host, server.http_port, None, None))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        for app, host, port, context in plan:
-            runner = web.AppRunner(
+        for app, host, port, context, hook in plan:
+            runner = GatewayRunner(
                 app,
+                on_protocol_error=hook,
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=10,
@@ -213,7 +224,7 @@ async def _serve(config: GatewayConfig) -> int:
         log.info("gateway.stopping")
     finally:
         # Stop taking requests, finish in-flight ones, then drain the audit queue (cleanup_ctx).
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for started in reversed(runners):
+            await started.cleanup()
     log.info("gateway.stopped")
     return 0

@@ -60,7 +60,7 @@ class UpstreamConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Request size limits (a route may lower its own)."""
+    """Request size limit; a route's own max_body_bytes, when set, replaces it for that route."""
 
     max_body_bytes: int = 1_048_576
 
@@ -248,6 +248,9 @@ def _check(config: GatewayConfig) -> None:
     _check_authn(config)
     if config.limits.max_body_bytes <= 0:
         raise ConfigError("limits.max_body_bytes must be positive")
+    dev = config.dev_issuer
+    if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
+        raise ConfigError("dev_issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
     if config.server.environment == "production" and config.dev_issuer.enabled:
         raise ConfigError("dev_issuer.enabled must be false when server.environment = production")
 
@@ -273,6 +276,8 @@ def _check_authn(config: GatewayConfig) -> None:
         )
     if not config.authn.issuers and not config.dev_issuer.enabled:
         raise ConfigError("authn.issuers is empty and dev_issuer is disabled: no token could pass")
+    if sum(i.ca_file is not None for i in config.authn.issuers) > 1:
+        raise ConfigError("authn.issuers: at most one issuer may set ca_file")
     for i, issuer in enumerate(config.authn.issuers):
         if not issuer.audiences:
             raise ConfigError(f"authn.issuers[{i}].audiences must name at least one audience")

@@ -60,13 +60,17 @@ class GatewayMetrics:
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""
         route = ctx.route_name
-        reason = ctx.reason_id
-        self.requests.labels(route, str(ctx.status), "deny" if reason else "allow").inc()
         self.latency.labels(route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)
-        if not reason:
+        if not ctx.reason_id:
+            self.requests.labels(route, str(ctx.status), "allow").inc()
             return
+        self.observe_refusal(route, ctx.status, ctx.reason_id)
+
+    def observe_refusal(self, route: str, status: int, reason: str) -> None:
+        """Count one refused request under its reason id and family."""
+        self.requests.labels(route, str(status), "deny").inc()
         self.denials.labels(reason, route).inc()
         family = reason.partition(".")[0]
         if family == "authn":

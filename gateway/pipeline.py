@@ -141,10 +141,11 @@ def denial_response(ctx: RequestContext, denial: Denial) -> web.Response:
     }
     body.update(denial.detail)
     headers = {"X-Request-Id": ctx.request_id, "Cache-Control": "no-store"}
-    if denial.reason_id.startswith("authn."):
-        # RFC 6750 section 3: a refused bearer token names the scheme and the error class.
-        error = "invalid_request" if denial.reason_id == "authn.missing_token" else "invalid_token"
-        headers["WWW-Authenticate"] = f'Bearer realm="emp", error="{error}"'
+    if denial.reason_id == "authn.missing_token":
+        # RFC 6750 section 3.1: no credentials at all -> no error code, just the challenge.
+        headers["WWW-Authenticate"] = 'Bearer realm="emp"'
+    elif denial.reason_id.startswith("authn."):
+        headers["WWW-Authenticate"] = 'Bearer realm="emp", error="invalid_token"'
     if denial.reason_id == "route.method_not_allowed" and "allow" in denial.detail:
         headers["Allow"] = ", ".join(denial.detail["allow"])
     return web.json_response(body, status=denial.status, headers=headers)

@@ -11,6 +11,7 @@ REASONS: MappingProxyType[str, int] = MappingProxyType(
     {
         "request.bad_path": 400,
         "request.bad_query": 400,
+        "request.malformed_http": 400,
         "request.too_large": 413,
         "route.not_found": 404,
         "route.method_not_allowed": 405,

@@ -12,6 +12,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import jsonschema
+from jsonschema import Draft202012Validator
+
 from gateway.config import ConfigError
 
 if TYPE_CHECKING:
@@ -69,7 +72,7 @@ class RouteTable:
             if found is None or any("/" in value for value in found.groupdict().values()):
                 # A parameter never spans segments, whatever pattern the table gives it.
                 continue
-            if method in route.methods or (method == "HEAD" and "GET" in route.methods):
+            if method in route.methods:
                 return RouteMatch(route, found.groupdict()), frozenset()
             allowed |= route.methods
         return None, frozenset(allowed)
@@ -144,4 +147,10 @@ def _schema(name: str | None, schema_dir: Path, where: str) -> dict[str, Any] | 
         raise ConfigError(f"routes: {where}: {path} is not valid JSON: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"routes: {where}: {path} must hold a JSON object")
+    try:
+        Draft202012Validator.check_schema(loaded)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(
+            f"routes: {where}: {path} is not a valid JSON Schema: {exc.message}"
+        ) from None
     return loaded

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.authz")
 
-POLICY_HEADERS = ("content-type", "user-agent", "accept", "x-forwarded-for")
+# X-Forwarded-For is left out: a client sets it freely, so no policy may trust it.
+POLICY_HEADERS = ("content-type", "user-agent", "accept")
 
 
 def policy_input(ctx: RequestContext) -> dict[str, Any]:

@@ -134,6 +134,15 @@ class ForwardStage:
         route_limit = ctx.route.max_body_bytes if ctx.route is not None else None
         return await ctx.read_body(route_limit or self._max_body)
 
+    @staticmethod
+    async def _write(response: web.StreamResponse, chunk: bytes) -> None:
+        try:
+            await response.write(chunk)
+        except ConnectionResetError:
+            # The client left mid-stream: its doing, not the upstream's (aiohttp's reset error
+            # is also a ClientError, which would otherwise read as upstream.unavailable).
+            raise Denial("client.disconnected", "the client went away") from None
+
     async def _relay(self, ctx: RequestContext, upstream: aiohttp.ClientResponse) -> None:
         headers = client_response_headers(upstream, ctx.request_id)
         ctx.status = upstream.status
@@ -149,7 +158,7 @@ class ForwardStage:
         await response.prepare(ctx.request)
         try:
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                await self._write(response, chunk)
         except (aiohttp.ClientError, TimeoutError):
             # Headers are out: cut the connection so a truncated body cannot look complete.
             if ctx.request.transport is not None:

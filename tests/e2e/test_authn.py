@@ -113,7 +113,7 @@ BAD_TOKENS = [
         lambda s: s.idp.sign(claims(), headers={"crit": ["urn:x"], "urn:x": 1}),
         "authn.malformed",
     ),
-    ("embedded_jwk_ignored", lambda s: _embedded_jwk(s), "authn.unknown_kid"),
+    ("embedded_jwk_ignored", _embedded_jwk, "authn.unknown_kid"),
     (
         "alg_none_mixed_case",
         lambda s: f"{_b64({'alg': 'nOnE'})}.{_b64(claims())}.",
@@ -158,9 +158,13 @@ async def test_missing_bearer_token_is_401(stack, client, header):
     async with client.get(stack.url("/api/tickets"), headers=headers) as r:
         body = await r.json()
         assert r.status == 401
+        challenge = r.headers["WWW-Authenticate"]
     expected = (
         "authn.malformed" if header and header.startswith("Bearer") else "authn.missing_token"
     )
+    if expected == "authn.missing_token":
+        # RFC 6750 section 3.1: without credentials, the challenge carries no error code.
+        assert challenge == 'Bearer realm="emp"'
     assert body["reason_id"] == expected
     assert [e["reason_id"] for e in stack.audit_for(body["request_id"])] == [expected]
 

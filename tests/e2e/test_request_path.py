@@ -4,11 +4,14 @@ upstream, and exactly one audit event per request with the response's reason id.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import aiohttp
 import pytest
 from support.stack import Stack
+
+from gateway.testing import raw_request
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -133,9 +136,21 @@ async def test_ingest_process_pushes_json_and_ndjson_batches(stack, client):
     )
     assert status == 201, receipt
     assert receipt["accepted"] == 2
+    # U+2028 inside a string is not a line break for NDJSON (the gateway and upstream agree).
+    separator = '{"note": "a\u2028b"}\n'.encode()
+    status, _, receipt = await call(
+        client,
+        stack,
+        "POST",
+        f"/api/ingest/{stream}",
+        ingest,
+        data=separator,
+        headers={"Content-Type": "application/x-ndjson"},
+    )
+    assert (status, receipt.get("accepted")) == (201, 1), receipt
     status, _, recent = await call(client, stack, "GET", f"/api/ingest/{stream}", ingest)
     assert status == 200
-    assert len(recent["items"]) == 4
+    assert len(recent["items"]) == 5
 
 
 async def test_reader_cannot_push_to_ingest_stream(stack, client):
@@ -215,6 +230,13 @@ MALFORMED = [
         "validation.content_type",
     ),
     (
+        "deeply_nested",
+        b"[" * 100_000 + b"]" * 100_000,
+        "application/json",
+        400,
+        "validation.malformed_json",
+    ),
+    (
         "too_large",
         b'{"title": "' + b"x" * 1_100_000 + b'"}',
         "application/json",
@@ -243,6 +265,32 @@ async def test_malformed_body_is_refused(stack, client, data, content_type, stat
     )
     assert (got, body["reason_id"]) == (status, reason_id)
     assert one_audit_event(stack, body["request_id"])["reason_id"] == reason_id
+
+
+async def test_header_too_large_for_the_parser_is_json_audited_and_not_echoed(stack):
+    """A header beyond the HTTP parser's limit gets the JSON refusal and an audit event, and
+    neither the answer nor the gateway's log repeats the header's bytes (it may be a token)."""
+    marker = "leaky" + uuid.uuid4().hex
+    token = marker + "x" * 40_000
+    status, _headers, payload = await raw_request(
+        stack.https_port,
+        "GET /api/tickets HTTP/1.1",
+        {"Authorization": f"Bearer {token}"},
+        ssl=stack.ssl_context(),
+    )
+    assert status == 400
+    body = json.loads(payload)
+    assert body["reason_id"] == "request.malformed_http"
+    assert marker not in payload.decode()
+    (event,) = stack.audit_for(body["request_id"])
+    assert event["reason_id"] == "request.malformed_http"
+    assert marker not in (stack.root / "gateway.log").read_text()
+
+
+async def test_responses_name_the_product_not_the_framework(stack, client):
+    """The Server header does not advertise aiohttp and its version."""
+    _, headers, _ = await call(client, stack, "GET", "/api/tickets", stack.mint())
+    assert headers["Server"] == "emp-gateway"
 
 
 async def test_unknown_route_is_404_without_a_policy_decision(stack, client):
