@@ -67,7 +67,9 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 
 def load_state(config: GatewayConfig) -> GatewayState:
     """Everything that must exist before the gateway may listen; raises with what is missing."""
-    engine = EmbeddedPolicyEngine.from_directory(config.policy.dir, config.policy.entrypoint)
+    engine = EmbeddedPolicyEngine.from_directory(
+        config.policy.dir, config.policy.entrypoint, memo_size=config.policy.decision_memo_size
+    )
     metrics = GatewayMetrics()
     metrics.policy_info.labels(engine.revision).set(1)
     dev_jwks = None

@@ -53,6 +53,10 @@ class GatewayMetrics:
             "gateway_policy_eval_seconds", "Policy evaluation time", buckets=_EVAL_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.policy_decisions = Counter(
+            "gateway_policy_decisions", "Policy decisions, by whether the memo answered",
+            ["memoised"], registry=r,
+        )  # fmt: skip
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
@@ -63,6 +67,7 @@ class GatewayMetrics:
         self.latency.labels(route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)
+            self.policy_decisions.labels("true" if ctx.decision.memoised else "false").inc()
         if not ctx.reason_id:
             self.requests.labels(route, str(ctx.status), "allow").inc()
             return

@@ -58,6 +58,7 @@ class Decision:
     reasons: tuple[str, ...]
     revision: str
     eval_us: float
+    memoised: bool = False
 
 
 @dataclass(slots=True)

@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("gateway.authz")
 
-# X-Forwarded-For is left out: a client sets it freely, so no policy may trust it.
-POLICY_HEADERS = ("content-type", "user-agent", "accept")
+# Every value in the input costs a foreign call in regopy (~5 us each, measured): the input
+# carries what a policy can use, not everything known. X-Forwarded-For is left out on purpose:
+# a client sets it freely, so no policy may trust it.
+POLICY_HEADERS = ("content-type",)
+# Claims beyond sub/iss/amr (which have their own fields) that attribute rules may use.
+POLICY_CLAIMS = ("aud", "scope", "department_id", "email", "client_id")
 
 
 def policy_input(ctx: RequestContext) -> dict[str, Any]:
@@ -59,9 +63,8 @@ def policy_input(ctx: RequestContext) -> dict[str, Any]:
 
 
 def _safe_claims(claims: dict[str, Any]) -> dict[str, Any]:
-    # Registered claims the policy may use; the raw token itself never travels.
-    keep = ("sub", "iss", "aud", "exp", "iat", "scope", "department_id", "email", "client_id")
-    return {k: claims[k] for k in keep if k in claims}
+    # The raw token itself never travels, and neither do claims no rule reads.
+    return {k: claims[k] for k in POLICY_CLAIMS if k in claims}
 
 
 class AuthzStage:

@@ -98,10 +98,12 @@ async def test_policy_with_wrong_decision_shape_fails_closed(make_gateway, tmp_p
     policies = tmp_path / "broken-policies"
     shutil.copytree(REPO / "policies", policies)
     rego = policies / "gateway" / "authz.rego"
+    original = rego.read_text()
+    assert 'decision := {"allow": true, "reasons": []} if allow' in original
     rego.write_text(
-        rego.read_text().replace(
-            'decision := {"allow": allow, "reasons": reasons}',
-            'decision := {"allow": "yes", "reasons": reasons}',
+        original.replace(
+            'decision := {"allow": true, "reasons": []} if allow',
+            'decision := {"allow": "yes", "reasons": []} if allow',
         )
     )
     gateway = make_gateway(f"http://127.0.0.1:{stack.upstream_port}", policy_dir=policies)
@@ -116,10 +118,15 @@ async def test_policy_with_undefined_decision_fails_closed(make_gateway, tmp_pat
     policies = tmp_path / "undefined-policies"
     shutil.copytree(REPO / "policies", policies)
     rego = policies / "gateway" / "authz.rego"
+    original = rego.read_text()
+    assert original.count("\ndecision := ") == 2
     rego.write_text(
-        rego.read_text().replace(
-            'decision := {"allow": allow, "reasons": reasons}',
-            'decision := {"allow": allow, "reasons": reasons} if input.nothing',
+        original.replace(
+            "if allow\n",
+            "if { allow; input.nothing }\n",
+        ).replace(
+            "if not allow\n",
+            "if { not allow; input.nothing }\n",
         )
     )
     gateway = make_gateway(f"http://127.0.0.1:{stack.upstream_port}", policy_dir=policies)

@@ -347,3 +347,4 @@ async def test_metrics_and_health_on_the_admin_port(stack, client):
     ):
         assert family in text
     assert 'gateway_authn_failures_total{reason_id="authn.missing_token"}' in text
+    assert 'gateway_policy_decisions_total{memoised="false"}' in text

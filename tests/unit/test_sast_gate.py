@@ -33,12 +33,16 @@ def tree_copy(tmp_path):
 
 
 def sast(tree) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["make", "-s", "-C", str(tree), "sast", f"VENV={REPO / '.venv'}"],
+    """Run the gate on the copy; it must not (re)install anything into the shared venv."""
+    stamps = sorted((REPO / ".venv").glob(".installed-*"))
+    result = subprocess.run(
+        ["make", "-s", "-C", str(tree), "sast", f"VENV={REPO / '.venv'}", "SAST_DEPS="],
         capture_output=True,
         text=True,
         timeout=300,
     )
+    assert sorted((REPO / ".venv").glob(".installed-*")) == stamps
+    return result
 
 
 def test_sast_passes_on_the_clean_tree(tree_copy):

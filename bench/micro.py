@@ -1,0 +1,175 @@
+"""Micro-benchmarks of two per-request costs on their own: the policy decision and schema checks.
+
+Each runs in this process, with no network, so its figure is the stage's CPU cost alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import regopy
+from aiohttp.test_utils import make_mocked_request
+from jsonschema.exceptions import best_match
+from loadgen import percentile
+
+from gateway.pipeline import Principal, RequestContext
+from gateway.policy.embedded import EmbeddedPolicyEngine, PolicySources, new_interpreter
+from gateway.policy.regoinput import to_rego_input
+from gateway.routes import load_routes
+from gateway.stages.authz import policy_input
+from gateway.stages.normalize import normalise_path, parse_query
+from gateway.stages.validate import _validator, parse_json  # the gateway's own compile step
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRYPOINT = "gateway/authz/decision"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Percentiles of one repeated call, in microseconds."""
+
+    label: str
+    calls: int
+    p50_us: float
+    p99_us: float
+    mean_us: float
+
+
+def time_calls(label: str, call: Callable[[], object], calls: int) -> Timing:
+    """Time each of calls invocations (after a short warm-up) one by one."""
+    for _ in range(min(1000, calls)):
+        call()
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(calls):
+        started = clock()
+        call()
+        samples.append((clock() - started) / 1000.0)
+    samples.sort()
+    return Timing(
+        label, calls, percentile(samples, 50), percentile(samples, 99), sum(samples) / calls
+    )
+
+
+def full_policy_input() -> dict[str, Any]:
+    """The input gateway.stages.authz.policy_input builds for a reader's GET /api/tickets/42."""
+    now = int(time.time())
+    request = make_mocked_request(
+        "GET", "/api/tickets/42", headers={"Accept": "*/*", "User-Agent": "wrk"}
+    )
+    ctx = RequestContext.start(request)
+    ctx.path, ctx.segments = normalise_path("/api/tickets/42")
+    ctx.query = parse_query("")
+    table = load_routes(REPO / "config" / "routes.toml", REPO / "config" / "schemas")
+    found, _ = table.match("GET", ctx.path)
+    if found is None:
+        raise RuntimeError("the route table has no GET /api/tickets/{id}")
+    ctx.route, ctx.params = found.route, found.params
+    claims = {"sub": "bench", "iss": "https://localhost:8443", "aud": "emp-api",
+              "exp": now + 3600, "iat": now}  # fmt: skip
+    ctx.principal = Principal("bench", ("reader",), "https://localhost:8443", claims, ("dev",))
+    return policy_input(ctx)
+
+
+def trimmed_policy_input() -> dict[str, Any]:
+    """Only what the policy reads to allow: subject.sub and .roles, route.resource and .action."""
+    return {
+        "subject": {"sub": "bench", "roles": ["reader"]},
+        "route": {"resource": "tickets", "action": "read"},
+    }
+
+
+def policy_timings(calls: int) -> list[Timing]:
+    """engine.decide for the full and the trimmed input (both must allow)."""
+    engine = EmbeddedPolicyEngine.from_directory(REPO / "policies", ENTRYPOINT)
+    timings = []
+    for label, document in (
+        ("full input", full_policy_input()),
+        ("trimmed input", trimmed_policy_input()),
+    ):
+        decision = engine.decide(document)
+        if not decision.allow:
+            raise RuntimeError(f"policy denies the bench's {label}: {decision.reasons}")
+        timings.append(time_calls(f"decide, {label}", lambda d=document: engine.decide(d), calls))
+    # What the gateway runs by default: the per-revision memo, here on a repeated input.
+    memo = EmbeddedPolicyEngine.from_directory(REPO / "policies", ENTRYPOINT, memo_size=4096)
+    document = full_policy_input()
+    timings.append(time_calls("decide, full input, memo hit", lambda: memo.decide(document), calls))
+    return timings
+
+
+def ticket_record(size: int = 1024) -> dict[str, Any]:
+    """A valid ticket whose JSON is about size bytes (the description makes up the rest)."""
+    record: dict[str, Any] = {
+        "title": "Printer on floor 3 jams on duplex jobs",
+        "description": "",
+        "status": "open",
+        "priority": "high",
+        "department_id": 3,
+        "assignee_id": 17,
+    }
+    filler = "Steps: print a duplex job from any laptop; the second page jams. "
+    record["description"] = (filler * (size // len(filler) + 1))[: size - len(json.dumps(record))]
+    return record
+
+
+def schema_timings(calls: int) -> tuple[int, list[Timing]]:
+    """The record's size, then: schema check alone, and strict parse + check (the stage's work)."""
+    schema = json.loads((REPO / "config" / "schemas" / "ticket.json").read_text())
+    validator = _validator(schema)
+    record = ticket_record()
+    body = json.dumps(record).encode()
+    if best_match(validator.iter_errors(record)) is not None:
+        raise RuntimeError("the bench's ticket record does not pass config/schemas/ticket.json")
+
+    # The same call the validate stage makes: the best error of iter_errors, none when valid.
+    def check() -> object:
+        return best_match(validator.iter_errors(record))
+
+    def parse_and_check() -> object:
+        return best_match(validator.iter_errors(parse_json(body)))
+
+    return len(body), [
+        time_calls("schema check", check, calls),
+        time_calls("strict JSON parse + schema check", parse_and_check, calls),
+    ]
+
+
+def decide_breakdown(calls: int) -> list[Timing]:
+    """Where engine.decide spends its time: turning the dict into a regopy Input, then the query.
+
+    Built from the same public pieces the engine uses (PolicySources, new_interpreter), so the
+    split is the engine's own, without reaching into it.
+    """
+    interpreter = new_interpreter(PolicySources.read(REPO / "policies"))
+    bundle = interpreter.build(None, [ENTRYPOINT])
+    timings = []
+    for label, document in (("full", full_policy_input()), ("trimmed", trimmed_policy_input())):
+        timings.append(
+            time_calls(f"regopy.Input(dict), {label}", lambda d=document: regopy.Input(d), calls)
+        )
+        timings.append(
+            time_calls(
+                f"to_rego_input (gateway), {label}", lambda d=document: to_rego_input(d), calls
+            )
+        )
+    prepared = regopy.Input(full_policy_input())
+    interpreter.set_input(prepared)
+    timings.append(
+        time_calls("set_input(prepared Input)", lambda: interpreter.set_input(prepared), calls)
+    )
+    timings.append(
+        time_calls(
+            "query_bundle_entrypoint",
+            lambda: interpreter.query_bundle_entrypoint(bundle, ENTRYPOINT),
+            calls,
+        )
+    )
+    return timings
