@@ -61,3 +61,15 @@ def inclusive_shares(stacks_file: Path) -> tuple[int, list[tuple[str, float]]]:
             if _INTERESTING.search(name):
                 shares[name] += samples
     return total, [(name, n / total) for name, n in shares.most_common(25)] if total else []
+
+
+def self_shares(stacks_file: Path, top: int = 20) -> list[tuple[str, float]]:
+    """Each function's share of busy samples as the innermost frame: where the CPU actually is."""
+    shares: Counter[str] = Counter()
+    total = 0
+    for line in stacks_file.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        samples = int(count)
+        total += samples
+        shares[re.sub(r":\d+\)$", ")", stack.split(";")[-1])] += samples
+    return [(name, n / total) for name, n in shares.most_common(top)] if total else []

@@ -152,6 +152,13 @@ def start_upstream(processes: ExitStack, stack: Stack) -> None:
     _start(processes, stack, command, stack.ports.upstream, "upstream")
 
 
+def start_stub_upstream(processes: ExitStack, stack: Stack) -> None:
+    """The stub upstream on the stack's upstream port (a constant answer, no database)."""
+    command = [PYTHON, str(REPO / "bench" / "stub_upstream.py"), "--port",
+               str(stack.ports.upstream), "--secret-file", str(stack.secret_file)]  # fmt: skip
+    _start(processes, stack, command, stack.ports.upstream, "stub-upstream")
+
+
 def start_gateway(processes: ExitStack, stack: Stack) -> int:
     """The gateway with its whole pipeline, on HTTPS. Its process id."""
     command = [PYTHON, "-m", "gateway", "--config", str(stack.root / "gateway.toml"), "serve"]
