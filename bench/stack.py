@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway import keys
-from gateway.testing import free_port, running
+from gateway.testing import free_port, mint_dev_token, running
 
 if TYPE_CHECKING:
     from contextlib import ExitStack
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-DEV_ISSUER = "https://localhost:8443"  # the dev issuer's default name (config/gateway.toml)
-AUDIENCE = "emp-api"
 
 # Only what differs from the defaults in gateway/config.py: ports and every path inside root.
 # No [[authn.issuers]]: the dev issuer (enabled by default) is the only one the bench needs.
@@ -102,15 +100,7 @@ class Stack:
 
     def mint(self, roles: list[str], ttl_seconds: int = 3600) -> str:
         """A token from the gateway's dev issuer."""
-        private = keys.load_private_keys(self.root / "keys")[0]
-        return keys.mint_token(
-            private,
-            issuer=DEV_ISSUER,
-            audience=AUDIENCE,
-            subject="bench",
-            roles=roles,
-            ttl_seconds=ttl_seconds,
-        )
+        return mint_dev_token(self.root / "keys", "bench", roles, ttl_seconds)
 
 
 def prepare(root: Path) -> Stack:

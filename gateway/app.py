@@ -34,7 +34,7 @@ from gateway.tls import client_context
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from gateway.config import GatewayConfig
     from gateway.pipeline import Stage
@@ -176,9 +176,24 @@ async def _server_header(_request: web.Request, response: web.StreamResponse) ->
     response.headers["Server"] = "emp-gateway"
 
 
+@web.middleware
+async def _unmatched_to_pipeline(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    # A target the router cannot match even to the catch-all (`OPTIONS *`, absolute forms it
+    # rejects) would get aiohttp's plain 404 with no audit event: send it through the pipeline.
+    if request.match_info.http_exception is not None:
+        api = request.app[STATE].api
+        if api is not None:
+            return await api(request)
+    return await handler(request)
+
+
 def build_app(state: GatewayState) -> web.Application:
     """The HTTPS API application."""
-    app = web.Application(client_max_size=state.config.limits.max_body_bytes)
+    app = web.Application(
+        client_max_size=state.config.limits.max_body_bytes, middlewares=[_unmatched_to_pipeline]
+    )
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_audit_ctx)

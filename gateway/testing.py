@@ -127,3 +127,18 @@ def _dechunk(data: bytes) -> bytes:
         out += rest[:size]
         data = rest[size + 2 :]
     return out
+
+
+def mint_dev_token(
+    key_dir: Path, sub: str = "alice", roles: Sequence[str] = ("reader",), ttl: int = 300
+) -> str:
+    """A token from the dev issuer's newest key, with the dev issuer's default iss and aud."""
+    from gateway import keys  # noqa: PLC0415 - keep this module light for process helpers
+    from gateway.config import DevIssuerConfig  # noqa: PLC0415
+
+    dev = DevIssuerConfig()
+    private = keys.load_private_keys(key_dir)[0]
+    return keys.mint_token(
+        private, issuer=dev.issuer, audience=dev.audience, subject=sub, roles=list(roles),
+        ttl_seconds=ttl,
+    )  # fmt: skip

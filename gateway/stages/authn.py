@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gateway.jwks import KeySource
 
 _REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
+_MAX_NAME = 256
 # PyJWT's exceptions, most specific first, mapped onto the reason catalogue.
 _JWT_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (jwt.ExpiredSignatureError, "authn.expired"),
@@ -183,12 +184,22 @@ def _claim_path(claims: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def _is_name(value: Any) -> bool:
+    # Subjects and roles travel on as header values and policy strings: no control characters
+    # (CR/LF would split a header, NUL would truncate in C), and a sane length.
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_NAME
+        and not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)  # noqa: PLR2004 - C0, DEL
+    )
+
+
 def _principal(claims: dict[str, Any], issuer: TrustedIssuer) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise refuse("authn.missing_claim")
     roles = _claim_path(claims, issuer.roles_claim) or []
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+    if not _is_name(sub) or not isinstance(roles, list) or not all(_is_name(r) for r in roles):
         raise refuse("authn.malformed")
     amr = claims.get("amr", [])
     exp = claims.get("exp")

@@ -107,6 +107,13 @@ BAD_TOKENS = [
         "authn.unknown_kid",
     ),
     ("roles_not_a_list", lambda s: s.idp.sign(claims(roles="admin")), "authn.malformed"),
+    (
+        "crlf_in_subject",
+        lambda s: s.idp.sign(claims(sub="alice\r\nX-Gateway-Roles: admin")),
+        "authn.malformed",
+    ),
+    ("nul_in_role", lambda s: s.idp.sign(claims(roles=["admin\x00junk"])), "authn.malformed"),
+    ("empty_role", lambda s: s.idp.sign(claims(roles=[""])), "authn.malformed"),
     ("oversized", lambda s: s.idp.sign(claims(pad="x" * 10_000)), "authn.malformed"),
     (
         "unknown_crit_extension",

@@ -83,6 +83,16 @@ TRICKS = [
     ("encoded_nul", "reader", "GET", "/api/tickets/1%00", 400, "request.bad_path", None),
     ("bad_percent_encoding", "reader", "GET", "/api/tickets/%zz", 400, "request.bad_path", None),
     ("overlong_utf8", "reader", "GET", "/api/%c0%ae%c0%ae/admin", 400, "request.bad_path", None),
+    ("asterisk_form", "reader", "OPTIONS", "*", 400, "request.bad_path", None),
+    (
+        "absolute_form",
+        "reader",
+        "GET",
+        "https://localhost/api/tickets",
+        400,
+        "request.bad_path",
+        None,
+    ),
     (
         "bad_query_encoding",
         "reader",

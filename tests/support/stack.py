@@ -17,8 +17,7 @@ from typing import Any
 import jwt
 from jwcrypto import jwk
 
-from gateway import keys
-from gateway.testing import read_audit_events, running
+from gateway.testing import mint_dev_token, read_audit_events, running
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PYTHON = sys.executable
@@ -123,15 +122,7 @@ class Stack:
 
     def mint(self, sub: str = "alice", roles: tuple[str, ...] = ("reader",), ttl: int = 300) -> str:
         """A token from the gateway's dev issuer (the same code `gateway token mint` runs)."""
-        private = keys.load_private_keys(self.root / "keys")[0]
-        return keys.mint_token(
-            private,
-            issuer="https://localhost:8443",
-            audience=AUDIENCE,
-            subject=sub,
-            roles=list(roles),
-            ttl_seconds=ttl,
-        )
+        return mint_dev_token(self.root / "keys", sub, roles, ttl)
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -256,15 +247,7 @@ class PrivateGateway:
         return ssl.create_default_context(cafile=str(self.root / "certs" / "ca.pem"))
 
     def mint(self, sub: str = "alice", roles: tuple[str, ...] = ("reader",)) -> str:
-        private = keys.load_private_keys(self.root / "keys")[0]
-        return keys.mint_token(
-            private,
-            issuer="https://localhost:8443",
-            audience=AUDIENCE,
-            subject=sub,
-            roles=list(roles),
-            ttl_seconds=300,
-        )
+        return mint_dev_token(self.root / "keys", sub, roles)
 
     def audit(self) -> list[dict[str, Any]]:
         return read_audit_events(self.audit_file)
