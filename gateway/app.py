@@ -286,6 +286,7 @@ async def upstream_reachable(app: web.Application) -> bool:
 def build_admin_app(api: web.Application) -> web.Application:
     """Loopback-only: /metrics, /healthz (alive), /readyz (able to serve)."""
     admin = web.Application()
+    admin.on_response_prepare.append(_server_header)
     state = api[STATE]
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -316,6 +317,7 @@ def build_admin_app(api: web.Application) -> web.Application:
 def build_redirect_app(config: GatewayConfig) -> web.Application:
     """Plain HTTP answers only with a redirect to HTTPS (never serves the API in clear)."""
     app = web.Application()
+    app.on_response_prepare.append(_server_header)
     port = config.server.https_port
     host = config.server.public_name
     authority = host if port == 443 else f"{host}:{port}"  # noqa: PLR2004 - the HTTPS default
