@@ -134,7 +134,7 @@ def schema_timings(calls: int) -> tuple[int, list[Timing]]:
         return best_match(validator.iter_errors(record))
 
     def parse_and_check() -> object:
-        return best_match(validator.iter_errors(parse_json(body)))
+        return best_match(validator.iter_errors(parse_json(body.decode("utf-8"))))
 
     return len(body), [
         time_calls("schema check", check, calls),

@@ -35,7 +35,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def parse_json(text: bytes | str) -> Any:
+def parse_json(text: str) -> Any:
     """Strict JSON: no NaN/Infinity, no duplicate keys."""
     return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
 
@@ -84,9 +84,12 @@ class ValidateStage:
 
     def _parse(self, body: bytes, content_type: str) -> Any:
         try:
+            # UTF-8 only (RFC 8259 section 8.1), decoded strictly here: json.loads on bytes
+            # would also accept UTF-16/32, which the upstream might read differently.
+            text = body.decode("utf-8")
             if content_type == NDJSON:
-                return self._parse_ndjson(body)
-            return parse_json(body)
+                return self._parse_ndjson(text)
+            return parse_json(text)
         except UnicodeDecodeError:
             raise Denial("validation.malformed_json", "body is not UTF-8") from None
         except RecursionError:
@@ -95,11 +98,11 @@ class ValidateStage:
             raise Denial("validation.malformed_json", f"body is not valid JSON: {exc}") from None
 
     @staticmethod
-    def _parse_ndjson(body: bytes) -> list[Any]:
+    def _parse_ndjson(text: str) -> list[Any]:
         records = []
         # Split on "\n" only, as the upstream does: str.splitlines() would also split inside
         # strings holding U+2028 and friends, and the two sides would disagree on the records.
-        for number, line in enumerate(body.decode("utf-8").split("\n"), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:

@@ -230,6 +230,20 @@ MALFORMED = [
         "validation.content_type",
     ),
     (
+        "utf16_body",
+        '{"title": "x"}'.encode("utf-16"),
+        "application/json",
+        400,
+        "validation.malformed_json",
+    ),
+    (
+        "utf8_bom",
+        b'\xef\xbb\xbf{"title": "x"}',
+        "application/json",
+        400,
+        "validation.malformed_json",
+    ),
+    (
         "deeply_nested",
         b"[" * 100_000 + b"]" * 100_000,
         "application/json",
