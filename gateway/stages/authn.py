@@ -194,12 +194,17 @@ def _is_name(value: Any) -> bool:
     )
 
 
+def _is_role(value: Any) -> bool:
+    # Roles reach the upstream comma-joined in X-Gateway-Roles: a comma would make two.
+    return _is_name(value) and "," not in value
+
+
 def _principal(claims: dict[str, Any], issuer: TrustedIssuer) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise refuse("authn.missing_claim")
     roles = _claim_path(claims, issuer.roles_claim) or []
-    if not _is_name(sub) or not isinstance(roles, list) or not all(_is_name(r) for r in roles):
+    if not _is_name(sub) or not isinstance(roles, list) or not all(_is_role(r) for r in roles):
         raise refuse("authn.malformed")
     amr = claims.get("amr", [])
     exp = claims.get("exp")

@@ -114,6 +114,7 @@ BAD_TOKENS = [
     ),
     ("nul_in_role", lambda s: s.idp.sign(claims(roles=["admin\x00junk"])), "authn.malformed"),
     ("empty_role", lambda s: s.idp.sign(claims(roles=[""])), "authn.malformed"),
+    ("comma_in_role", lambda s: s.idp.sign(claims(roles=["reader,admin"])), "authn.malformed"),
     ("oversized", lambda s: s.idp.sign(claims(pad="x" * 10_000)), "authn.malformed"),
     (
         "unknown_crit_extension",
