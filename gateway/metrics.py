@@ -6,7 +6,7 @@ request data, so a client cannot blow up the series count.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,6 +22,7 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Requests by route, status and decision",
@@ -64,14 +65,23 @@ class GatewayMetrics:
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""
         route = ctx.route_name
-        self.latency.labels(route).observe(ctx.elapsed_ms / 1000.0)
+        self._child(self.latency, route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)
-            self.policy_decisions.labels("true" if ctx.decision.memoised else "false").inc()
+            self._child(self.policy_decisions, "true" if ctx.decision.memoised else "false").inc()
         if not ctx.reason_id:
-            self.requests.labels(route, str(ctx.status), "allow").inc()
+            self._child(self.requests, route, str(ctx.status), "allow").inc()
             return
         self.observe_refusal(route, ctx.status, ctx.reason_id)
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        # labels() takes a lock and builds a key on every call; the label sets are closed
+        # (routes, statuses, reason ids), so their children are kept once looked up.
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
     def observe_refusal(self, route: str, status: int, reason: str) -> None:
         """Count one refused request under its reason id and family."""

@@ -135,8 +135,8 @@ class DecisionMemo:
         self._entries: OrderedDict[str, Decision] = OrderedDict()
 
     def key(self, document: dict[str, Any]) -> str:
-        """The canonical text of the input (key order does not matter)."""
-        return json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+        """The input's text (unsorted: another key order is only a miss, never a wrong answer)."""
+        return json.dumps(document, separators=(",", ":"), default=str)
 
     def get(self, key: str) -> Decision | None:
         """The remembered decision, refreshed as most recently used."""

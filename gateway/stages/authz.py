@@ -6,6 +6,7 @@ enter it, so no policy (or decision log) can see a credential.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -58,8 +59,14 @@ def policy_input(ctx: RequestContext) -> dict[str, Any]:
             "action": route.action if route else None,
             "params": ctx.params,
         },
-        "time": {"now": datetime.fromtimestamp(ctx.wall_time, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
+        "time": {"now": _rfc3339(int(ctx.wall_time))},
     }
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc3339(second: int) -> str:
+    # Formatted once per second rather than once per request.
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _safe_claims(claims: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,8 @@ _BAD_PERCENT = re.compile(r"%(?![0-9a-fA-F]{2})")
 _DOUBLE_ENCODED = re.compile(r"%[0-9a-fA-F]{2}")
 # RFC 3986 pchar minus the ones we decode: what a segment may hold when sent on.
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
+# A segment of only these characters needs no decoding and no re-encoding (the common case).
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9!$&'()*+,;=:@._~-]*")
 _MAX_TARGET = 4096
 
 
@@ -54,18 +56,21 @@ def normalise_path(raw_path: str) -> tuple[str, tuple[str, ...]]:
     if "\\" in raw_path:
         raise _bad_path("backslash")
     segments: list[str] = []
+    encoded: list[str] = []
     for raw in raw_path.split("/"):
-        segment = _decode_segment(raw)
+        plain = _PLAIN_SEGMENT.fullmatch(raw) is not None
+        segment = raw if plain else _decode_segment(raw)
         if segment in ("", "."):
             continue
         if segment == "..":
             if not segments:
                 raise _bad_path("'..' climbs above the root")
             segments.pop()
+            encoded.pop()
             continue
         segments.append(segment)
-    canonical = "/" + "/".join(quote(s, safe=_SEGMENT_SAFE) for s in segments)
-    return canonical, tuple(segments)
+        encoded.append(raw if plain else quote(segment, safe=_SEGMENT_SAFE))
+    return "/" + "/".join(encoded), tuple(segments)
 
 
 def parse_query(query_string: str) -> MultiDict[str]:
