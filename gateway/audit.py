@@ -125,6 +125,7 @@ class AuditWriter:
         self._stream: IO[str] = sys.stdout if jsonl_path == "-" else _open_append(jsonl_path)
         self._owns_stream = jsonl_path != "-"
         self._db_path = db_path
+        self._spool = db_path.parent if db_path is not None else Path()  # batch files go here
         self._interval = flush_interval_seconds
         self._batch_size = batch_size
         self._pending: list[str] = []  # the JSON lines not yet in DuckDB
@@ -159,7 +160,7 @@ class AuditWriter:
             return
         batch, self._pending = self._pending, []
         try:
-            await asyncio.to_thread(_insert, self._db, batch, self._db_path.parent)  # type: ignore[union-attr]
+            await asyncio.to_thread(_insert, self._db, batch, self._spool)
         except Exception:
             # Keep the events for the next attempt rather than drop them.
             self._pending[:0] = batch

@@ -85,14 +85,14 @@ class GatewayMetrics:
 
     def observe_refusal(self, route: str, status: int, reason: str) -> None:
         """Count one refused request under its reason id and family."""
-        self.requests.labels(route, str(status), "deny").inc()
-        self.denials.labels(reason, route).inc()
+        self._child(self.requests, route, str(status), "deny").inc()
+        self._child(self.denials, reason, route).inc()
         family = reason.partition(".")[0]
         if family == "authn":
-            self.authn_failures.labels(reason).inc()
+            self._child(self.authn_failures, reason).inc()
         elif reason == "authz.denied":
-            self.policy_denials.labels(route).inc()
+            self._child(self.policy_denials, route).inc()
         elif family == "validation":
-            self.validation_failures.labels(route, reason).inc()
+            self._child(self.validation_failures, route, reason).inc()
         elif family == "upstream":
-            self.upstream_errors.labels(reason).inc()
+            self._child(self.upstream_errors, reason).inc()

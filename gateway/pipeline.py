@@ -38,6 +38,11 @@ class Denial(Exception):  # noqa: N818 - a denial is an expected outcome, not an
         self.detail = detail
 
 
+def new_request_id() -> str:
+    """A gateway-made request id: 128 random bits as hex (uuid4's, without the UUID object)."""
+    return os.urandom(16).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling, as established by an authenticator."""
@@ -91,7 +96,7 @@ class RequestContext:
         """A fresh context with a gateway-made request id (client-supplied ids are not trusted)."""
         return cls(
             request=request,
-            request_id=os.urandom(16).hex(),  # uuid4's 122 random bits, without the UUID object
+            request_id=new_request_id(),
             started=time.perf_counter(),
             wall_time=time.time(),
         )
@@ -133,15 +138,22 @@ class Stage(Protocol):
         """Read and set the context; raise Denial to refuse the request."""
 
 
+def refusal_response(
+    status: int, reason_id: str, message: str, request_id: str, detail: dict[str, Any]
+) -> web.Response:
+    """The one shape of every refusal: {error, reason_id, request_id} (+ safe detail), no-store."""
+    body: dict[str, Any] = {"error": message, "reason_id": reason_id, "request_id": request_id}
+    body.update(detail)
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
+    return web.json_response(body, status=status, headers=headers)
+
+
 def denial_response(ctx: RequestContext, denial: Denial) -> web.Response:
-    """The JSON body every refusal has: error, reason_id, request_id (+ safe detail)."""
-    body: dict[str, Any] = {
-        "error": denial.message,
-        "reason_id": denial.reason_id,
-        "request_id": ctx.request_id,
-    }
-    body.update(denial.detail)
-    headers = {"X-Request-Id": ctx.request_id, "Cache-Control": "no-store"}
+    """A Denial as the client sees it, with the headers its reason calls for."""
+    response = refusal_response(
+        denial.status, denial.reason_id, denial.message, ctx.request_id, denial.detail
+    )
+    headers = response.headers
     if denial.reason_id == "authn.missing_token":
         # RFC 6750 section 3.1: no credentials at all -> no error code, just the challenge.
         headers["WWW-Authenticate"] = 'Bearer realm="emp"'
@@ -149,7 +161,7 @@ def denial_response(ctx: RequestContext, denial: Denial) -> web.Response:
         headers["WWW-Authenticate"] = 'Bearer realm="emp", error="invalid_token"'
     if denial.reason_id == "route.method_not_allowed" and "allow" in denial.detail:
         headers["Allow"] = ", ".join(denial.detail["allow"])
-    return web.json_response(body, status=denial.status, headers=headers)
+    return response
 
 
 class Pipeline:

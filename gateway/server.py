@@ -8,13 +8,13 @@ any other denial, and the log line names the error type only.
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from gateway.pipeline import new_request_id, refusal_response
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +45,7 @@ class _GatewayRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send the error")
-        request_id = uuid.uuid4().hex
+        request_id = new_request_id()
         reason_id = "request.malformed_http" if status < 500 else "internal.error"  # noqa: PLR2004
         log.warning("http.protocol_error", status=status, reason_id=reason_id,
                     error=type(exc).__name__ if exc else None, request_id=request_id)  # fmt: skip
@@ -53,11 +53,7 @@ class _GatewayRequestHandler(RequestHandler):
         if hook is not None:
             hook(request_id, status, reason_id, request.remote)
         text = "the HTTP request is malformed" if status < 500 else "internal error"  # noqa: PLR2004
-        body = {"error": text, "reason_id": reason_id, "request_id": request_id}
-        response = web.Response(
-            status=status, text=json.dumps(body), content_type="application/json"
-        )
-        response.headers["X-Request-Id"] = request_id
+        response = refusal_response(status, reason_id, text, request_id, {})
         response.force_close()
         return response
 
