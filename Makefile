@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 SAST_PATHS ?= gateway upstream
 SAST_DEPS ?= venv
 
-.PHONY: help venv setup run test test-policy lint sast bench clean
+.PHONY: help venv setup run test test-deps test-policy lint sast bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -36,7 +36,12 @@ run: setup ## run the upstream and the gateway in the foreground until Ctrl-C
 test-policy: venv ## run the Rego tests beside the policy
 	$(PY) -m gateway policy test
 
-test: venv test-policy ## run the Rego tests and the whole pytest suite (real TLS, processes, DuckDB)
+test-deps: ## the servers the tests start themselves: Debian's redis-server, npm's oidc-provider
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	tests/fixtures/oidc_provider/install.sh
+
+test: venv test-deps test-policy ## the Rego tests and the whole pytest suite (real TLS, Redis, an OIDC provider)
 	$(PY) -m pytest
 
 sast: $(SAST_DEPS) ## bandit over the code: non-zero on any high-severity finding

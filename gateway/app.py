@@ -18,13 +18,32 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
-from gateway.audit import AuditWriter, protocol_error_event
-from gateway.jwks import JwksFetcher, KeySource, StaticKeySource, parse_jwks
+from gateway.audit import AuditWriter, protocol_error_event, system_event
+from gateway.identity.accounts import AccountStore, SharedAccounts
+from gateway.identity.bruteforce import LoginGuard
+from gateway.identity.endpoints import ROUTES as IDENTITY_ROUTES
+from gateway.identity.endpoints import IdentityEndpoints, identity_stages
+from gateway.identity.endpoints import render_denial as render_identity_denial
+from gateway.identity.mfa import SecretBox, TotpVerifier
+from gateway.identity.passwords import Passwords
+from gateway.identity.provider import IdentityProvider
+from gateway.identity.sessions import SessionCookieAuthenticator, SessionCookies, origin_of
+from gateway.identity.state import StateStoreError, open_state_store
+from gateway.identity.tokens import TokenService
+from gateway.jwks import JwksFetcher
+from gateway.keyring import KeyRing, KeyRingSource
 from gateway.metrics import GatewayMetrics
-from gateway.pipeline import Pipeline, RequestContext
+from gateway.oidc import discover
+from gateway.pipeline import Denial, Pipeline, Principal
 from gateway.policy.embedded import EmbeddedPolicyEngine
 from gateway.routes import RouteTable, load_routes
-from gateway.stages.authn import AuthnStage, BearerTokenAuthenticator, TrustedIssuer
+from gateway.stages.authn import (
+    Authenticator,
+    AuthnStage,
+    BearerTokenAuthenticator,
+    Revocation,
+    TrustedIssuer,
+)
 from gateway.stages.authz import AuthzStage
 from gateway.stages.forward import ForwardStage
 from gateway.stages.normalize import NormalizeStage
@@ -52,13 +71,16 @@ class GatewayState:
     engine: PolicyEngine
     metrics: GatewayMetrics
     upstream_secret: str
-    dev_jwks: dict[str, Any] | None
+    keyring: KeyRing | None
     audit: AuditWriter | None = None
+    identity: IdentityProvider | None = None
+    cookies: SessionCookies | None = None
+    identity_pipeline: Pipeline | None = None
     issuers: list[TrustedIssuer] = field(default_factory=list)
     fetchers: list[JwksFetcher] = field(default_factory=list)
     upstream_ok_at: float = 0.0
     api: Pipeline | None = None
-    public: Pipeline | None = None
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
@@ -72,30 +94,104 @@ def load_state(config: GatewayConfig) -> GatewayState:
     )
     metrics = GatewayMetrics()
     metrics.policy_info.labels(engine.revision).set(1)
-    dev_jwks = None
-    if config.dev_issuer.enabled:
-        dev_jwks = keys.public_jwks(keys.load_private_keys(config.dev_issuer.key_dir))
-    return GatewayState(
+    keyring = None
+    if config.issuer.enabled:
+        keyring = KeyRing(
+            config.issuer.key_dir,
+            allowed_algorithms=frozenset(config.authn.allowed_algorithms),
+            retire_after_seconds=retire_after_seconds(config),
+        )
+        keyring.load()
+        metrics.signing_key_age.set_function(lambda: keyring.active_age_seconds)
+    state = GatewayState(
         config=config,
         routes=load_routes(config.routes.file, config.routes.schema_dir),
         engine=engine,
         metrics=metrics,
         upstream_secret=keys.read_secret(config.upstream.secret_file),
-        dev_jwks=dev_jwks,
+        keyring=keyring,
     )
+    if config.identity.enabled:
+        state.identity, state.cookies = build_identity(config, keyring)
+    return state
 
 
-def _issuers(state: GatewayState, jwks_session: aiohttp.ClientSession) -> list[TrustedIssuer]:
+def retire_after_seconds(config: GatewayConfig) -> int:
+    """How long a retired signing key stays published: the longest token life plus leeway."""
+    return config.issuer.max_ttl_seconds + config.authn.leeway_seconds
+
+
+def build_identity(
+    config: GatewayConfig, keyring: KeyRing | None
+) -> tuple[IdentityProvider, SessionCookies]:
+    """The identity provider; a missing key file or account store refuses to start."""
+    assert keyring is not None  # noqa: S101 - config check: identity needs the issuer
+    identity = config.identity
+    state_store = open_state_store(identity.state_url)
+    tokens = TokenService(
+        signing_key=lambda: keyring.active,
+        state=state_store,
+        issuer=config.issuer.issuer,
+        audience=config.issuer.audience,
+        access_ttl_seconds=config.issuer.default_ttl_seconds,
+        refresh_ttl_seconds=identity.tokens.refresh_ttl_seconds,
+        session_ttl_seconds=identity.tokens.session_ttl_seconds,
+    )
+    # Created (and migrated) by `gateway setup`; opening it here proves it is usable.
+    AccountStore.open_waiting(identity.db_path).close()
+    limits = identity.login_limits
+    provider = IdentityProvider(
+        config=identity,
+        accounts=SharedAccounts(identity.db_path),
+        passwords=Passwords(identity.passwords),
+        tokens=tokens,
+        guard=LoginGuard(
+            storage_url=identity.state_url,
+            per_ip=limits.per_ip,
+            per_user_ip_failures=limits.per_user_ip_failures,
+            per_user_failures=limits.per_user_failures,
+        ),
+        totp=TotpVerifier(state_store),
+        totp_box=SecretBox.from_file(identity.mfa.secret_key_file),
+        session_box=SecretBox.from_file(identity.sessions.key_file),
+    )
+    cookies = SessionCookies(
+        box=provider.session_box,
+        name=identity.sessions.cookie_name,
+        max_age_seconds=identity.tokens.session_ttl_seconds,
+    )
+    return provider, cookies
+
+
+def allowed_origins(config: GatewayConfig) -> frozenset[str]:
+    """The origins a browser may send cookie requests from: the issuer's and the public name's."""
+    port = config.server.https_port
+    public = config.server.public_name
+    own = f"https://{public}" if port == 443 else f"https://{public}:{port}"  # noqa: PLR2004
+    return frozenset({origin_of(config.issuer.issuer), own.lower()})
+
+
+async def _issuers(state: GatewayState, jwks_session: aiohttp.ClientSession) -> list[TrustedIssuer]:
     config = state.config
     allowed = frozenset(config.authn.allowed_algorithms)
     issuers: list[TrustedIssuer] = []
-    if state.dev_jwks is not None:
-        source: KeySource = StaticKeySource(parse_jwks(state.dev_jwks, allowed))
-        dev = config.dev_issuer
-        issuers.append(TrustedIssuer(dev.issuer, (dev.audience,), "roles", source))
+    if state.keyring is not None:
+        own = config.issuer
+        issuers.append(
+            TrustedIssuer(own.issuer, (own.audience,), "roles", KeyRingSource(state.keyring))
+        )
     for trusted in config.authn.issuers:
+        jwks_uri = trusted.jwks_uri
+        if not jwks_uri:
+            # OIDC discovery; an IdP that cannot be discovered at start refuses the start.
+            metadata = await discover(
+                jwks_session,
+                trusted.issuer,
+                timeout_seconds=config.authn.jwks_fetch_timeout_seconds,
+            )
+            jwks_uri = metadata.jwks_uri
         fetcher = JwksFetcher(
-            uri=trusted.jwks_uri,
+            uri=jwks_uri,
             session=jwks_session,
             allowed_algorithms=allowed,
             cache_seconds=config.authn.jwks_cache_seconds,
@@ -104,7 +200,9 @@ def _issuers(state: GatewayState, jwks_session: aiohttp.ClientSession) -> list[T
         )
         state.fetchers.append(fetcher)
         issuers.append(
-            TrustedIssuer(trusted.issuer, trusted.audiences, trusted.roles_claim, fetcher)
+            TrustedIssuer(
+                trusted.issuer, trusted.audiences, trusted.roles_claim, fetcher, trusted.role_map
+            )
         )
     return issuers
 
@@ -119,10 +217,20 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
         max_token_bytes=config.authn.max_token_bytes,
         cache_size=config.authn.verified_cache_size,
         cache_seconds=config.authn.verified_cache_seconds,
+        revoked=_revocation(state),
     )
+    authenticators: list[Authenticator] = [authenticator]
+    if state.identity is not None and state.cookies is not None:
+        authenticators.append(
+            SessionCookieAuthenticator(
+                cookies=state.cookies,
+                tokens=state.identity.tokens,
+                allowed_origins=allowed_origins(config),
+            )
+        )
     return [
         NormalizeStage(),
-        AuthnStage([authenticator]),
+        AuthnStage(authenticators),
         RouteStage(state.routes),
         AuthzStage(lambda: state.engine, budget_ms=config.policy.eval_budget_ms),
         ValidateStage(state.routes, max_body_bytes=config.limits.max_body_bytes),
@@ -136,20 +244,48 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
     ]
 
 
-class ServeJwks:
-    """Terminal stage of the public pipeline: the dev issuer's public keys."""
+def _revocation(state: GatewayState) -> Revocation | None:
+    """The revocation check for the built-in issuer's tokens (jti denylist, ended session)."""
+    identity = state.identity
+    if identity is None:
+        return None
+    own = state.config.issuer.issuer
 
-    name = "serve_jwks"
+    async def revoked(principal: Principal) -> bool:
+        if principal.issuer != own:
+            return False
+        jti, sid = principal.claims.get("jti"), principal.claims.get("sid")
+        try:
+            return await identity.tokens.is_revoked(
+                jti if isinstance(jti, str) else None, sid if isinstance(sid, str) else None
+            )
+        except StateStoreError:
+            # Fail closed: without the denylist a revoked token would pass.
+            log.exception("identity.state_unavailable")
+            raise Denial("auth.unavailable", "authentication is unavailable") from None
 
-    def __init__(self, document: dict[str, Any]) -> None:
-        self._document = document
+    return revoked
 
-    async def __call__(self, ctx: RequestContext) -> None:
-        """Answer with the JWKS document (public keys only)."""
-        ctx.response = web.json_response(
-            self._document,
-            headers={"Cache-Control": "public, max-age=300", "X-Request-Id": ctx.request_id},
-        )
+
+def build_identity_stages(state: GatewayState, api_stages: list[Stage]) -> list[Stage]:
+    """The pipeline of the endpoints the gateway serves itself (/.well-known, /oauth, /auth)."""
+    keyring = state.keyring
+    assert keyring is not None  # noqa: S101 - only built when the issuer is enabled
+    endpoints = IdentityEndpoints(
+        provider=state.identity,
+        cookies=state.cookies,
+        jwks=keyring.public_jwks,
+        issuer=state.config.issuer.issuer,
+        algorithm=state.config.issuer.algorithm,
+        allowed_origins=allowed_origins(state.config),
+    )
+    authn = next(stage for stage in api_stages if stage.name == "authn")
+    return identity_stages(
+        normalize=NormalizeStage(),
+        route=RouteStage(RouteTable([route for route, _ in IDENTITY_ROUTES])),
+        authn=authn,
+        endpoints=endpoints,
+    )
 
 
 def _observers(state: GatewayState) -> list[Any]:
@@ -201,18 +337,19 @@ def build_app(state: GatewayState) -> web.Application:
 
     # The pipelines need the sessions opened at start-up, but the router freezes before that:
     # register thin handlers now and let them reach the pipelines built in _sessions_ctx.
-    async def serve_public(request: web.Request) -> web.StreamResponse:
-        if state.public is None:
-            raise web.HTTPNotFound
-        return await state.public(request)
+    async def serve_identity(request: web.Request) -> web.StreamResponse:
+        if state.identity_pipeline is None:
+            raise web.HTTPServiceUnavailable
+        return await state.identity_pipeline(request)
 
     async def serve_api(request: web.Request) -> web.StreamResponse:
         if state.api is None:
             raise web.HTTPServiceUnavailable
         return await state.api(request)
 
-    if state.dev_jwks is not None:
-        app.router.add_get("/.well-known/jwks.json", serve_public)
+    if state.keyring is not None:
+        for prefix in ("/.well-known/", "/oauth/", "/auth/"):
+            app.router.add_route("*", prefix + "{tail:.*}", serve_identity)
     app.router.add_route("*", "/{tail:.*}", serve_api)
     return app
 
@@ -248,17 +385,52 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     jwks_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_jwks_ssl(config)))
     app[UPSTREAM_SESSION] = upstream
-    state.issuers = _issuers(state, jwks_session)
+    try:
+        state.issuers = await _issuers(state, jwks_session)
+    except Exception:
+        await upstream.close()
+        await jwks_session.close()
+        raise
     await asyncio.gather(*(f.refresh(force=True) for f in state.fetchers))
-    state.api = Pipeline(build_stages(state, upstream), observers=_observers(state))
-    if state.dev_jwks is not None:
-        state.public = Pipeline(
-            [NormalizeStage(), ServeJwks(state.dev_jwks)], observers=_observers(state)
+    stages = build_stages(state, upstream)
+    state.api = Pipeline(stages, observers=_observers(state))
+    if state.keyring is not None:
+        state.identity_pipeline = Pipeline(
+            build_identity_stages(state, stages),
+            observers=_observers(state),
+            render_denial=render_identity_denial,
         )
+        state.background.append(asyncio.create_task(_watch_keyring(state)))
     yield
-    state.api = state.public = None
+    state.api = state.identity_pipeline = None
+    for task in state.background:
+        task.cancel()
     await upstream.close()
     await jwks_session.close()
+    if state.identity is not None:
+        await state.identity.guard.close()
+        await state.identity.tokens.state.close()
+
+
+async def _watch_keyring(state: GatewayState, interval_seconds: float = 2.0) -> None:
+    """Pick up `gateway keys rotate` from another process: the new key signs within seconds."""
+    keyring = state.keyring
+    assert keyring is not None  # noqa: S101 - started only with the issuer
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            if keyring.reload_if_changed():
+                log.info("keys.reloaded", revision=keyring.revision)
+                if state.audit is not None:
+                    state.audit.emit(
+                        system_event(
+                            "keys.reloaded",
+                            active_kid=keyring.active["kid"],
+                            revision=keyring.revision,
+                        )
+                    )
+        except Exception:
+            log.exception("keys.reload_failed")
 
 
 def _jwks_ssl(config: GatewayConfig) -> ssl.SSLContext:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tempfile
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -59,10 +60,12 @@ def request_event(ctx: RequestContext) -> dict[str, Any]:
     detail = dict(ctx.detail)
     if ctx.message and not allowed:
         detail["message"] = ctx.message
+    if ctx.attempted is not None and principal is None:
+        detail["attempted"] = ctx.attempted
     return {
         "event_id": ctx.request_id,
         "time": datetime.fromtimestamp(ctx.wall_time, UTC).isoformat(timespec="milliseconds"),
-        "kind": "request",
+        "kind": ctx.event,
         "request_id": ctx.request_id,
         "subject": principal.sub if principal else None,
         "roles": list(principal.roles) if principal else [],
@@ -111,6 +114,68 @@ def protocol_error_event(
     }
 
 
+def system_event(kind: str, *, subject: str | None = None, **detail: Any) -> dict[str, Any]:
+    """An audit event that is not a request: a CLI action, a key rotation, a reload.
+
+    `kind` is dotted like a reason id (e.g. "auth.client_secret_rotated"); detail must hold no
+    secret (ids and counts, never passwords, tokens or keys).
+    """
+    event_id = uuid.uuid4().hex
+    return {
+        "event_id": event_id,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "kind": kind,
+        "request_id": None,
+        "subject": subject,
+        "roles": [],
+        "issuer": None,
+        "method": None,
+        "path": None,
+        "route": "-",
+        "decision": None,
+        "reason_id": None,
+        "status": None,
+        "latency_ms": None,
+        "upstream_ms": None,
+        "policy_revision": None,
+        "reasons": [],
+        "remote_addr": None,
+        "user_agent": None,
+        "detail": detail,
+    }
+
+
+def inbox_dir(db_path: Path) -> Path:
+    """Where processes other than the gateway leave audit events for its writer to load."""
+    return db_path.parent / "audit-inbox"
+
+
+def record_offline(jsonl_path: str, db_path: Path | None, event: dict[str, Any]) -> None:
+    """Audit from a process that does not own the audit database (the CLI).
+
+    The JSON line is appended at once; the row waits in the inbox until the gateway's writer
+    loads it (at its next flush, or at its next start when it is not running): nothing is lost.
+    """
+    line = json.dumps(event, separators=(",", ":"), default=str) + "\n"
+    if jsonl_path == "-":
+        sys.stdout.write(line)
+    else:
+        with _open_append(jsonl_path) as handle:
+            handle.write(line)
+    if db_path is None:
+        return
+    inbox = inbox_dir(db_path)
+    inbox.mkdir(parents=True, exist_ok=True)
+    final = inbox / f"{event['event_id']}.ndjson"
+    tmp = final.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(final)  # the writer only ever sees whole files
+
+
 class AuditWriter:
     """Writes audit events: JSON lines immediately, DuckDB rows in batches off the loop."""
 
@@ -156,7 +221,11 @@ class AuditWriter:
 
     async def flush(self) -> None:
         """Write what is pending to DuckDB in one transaction, in a thread."""
-        if self._db is None or not self._pending:
+        if self._db is None:
+            return
+        if self._db_path is not None and inbox_dir(self._db_path).is_dir():
+            self.written += await asyncio.to_thread(_load_inbox, self._db, self._db_path)
+        if not self._pending:
             return
         batch, self._pending = self._pending, []
         try:
@@ -199,6 +268,24 @@ def _open_db(path: Path) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(str(path))
     connection.execute(_SCHEMA)
     return connection
+
+
+def _load_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path) -> int:
+    """Load and remove the events other processes left in the inbox; the count loaded."""
+    files = sorted(inbox_dir(db_path).glob("*.ndjson"))
+    loaded = 0
+    for path in files:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # An event already loaded (crash between insert and unlink) is not loaded twice.
+        event_id = json.loads(lines[0])["event_id"] if lines else None
+        seen = connection.execute(
+            "SELECT count(*) FROM audit_events WHERE event_id = ?", [event_id]
+        ).fetchone()
+        if lines and seen is not None and seen[0] == 0:
+            _insert(connection, lines, db_path.parent)
+            loaded += len(lines)
+        path.unlink()
+    return loaded
 
 
 def _insert(connection: duckdb.DuckDBPyConnection, lines: list[str], spool: Path) -> None:

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from gateway import keys, tls
+from gateway import keyring, keys, tls
+from gateway.audit import record_offline, system_event
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
+from gateway.oidc import DiscoveryError
 from gateway.policy import PolicyError
 
 log = structlog.get_logger("gateway.cli")
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.logging)
     try:
         return int(args.func(config, args))
-    except (ConfigError, PolicyError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DiscoveryError, PolicyError, FileNotFoundError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)  # noqa: T201
         return 2
 
@@ -64,9 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     key_cmd = sub.add_parser("keys", help="signing keys and secrets").add_subparsers(
         dest="what", required=True
     )
-    init = key_cmd.add_parser("init", help="create the dev signing key and the upstream secret")
+    init = key_cmd.add_parser(
+        "init", help="create the signing key ring, the secret keys and the upstream secret"
+    )
     init.add_argument("--force", action="store_true", help="replace existing keys")
     init.set_defaults(func=cmd_keys_init)
+    rotate = key_cmd.add_parser(
+        "rotate", help="make a new active signing key; older ones stay until their tokens expire"
+    )
+    rotate.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    rotate.set_defaults(func=cmd_keys_rotate)
+    show = key_cmd.add_parser("list", help="the signing keys: kid, algorithm, state, age")
+    show.set_defaults(func=cmd_keys_list)
 
     token = sub.add_parser("token", help="tokens of the dev issuer").add_subparsers(
         dest="what", required=True
@@ -91,14 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     show = check.add_parser("check", help="validate the config, routes and policy; print a summary")
     show.set_defaults(func=cmd_config_check)
+    from gateway.identity.cli import register  # noqa: PLC0415 - kept beside the parser it extends
+
+    register(sub)
     return parser
 
 
 def cmd_setup(config: GatewayConfig, args: argparse.Namespace) -> int:
-    """Idempotent dev set-up: certificates, the dev signing key, the upstream secret."""
+    """Idempotent set-up: certificates, keys, secrets and the account store."""
     args.force = False
     cmd_certs_dev(config, args)
-    return cmd_keys_init(config, args)
+    cmd_keys_init(config, args)
+    if config.identity.enabled and not config.identity.db_path.exists():
+        from gateway.identity.accounts import AccountStore  # noqa: PLC0415
+
+        AccountStore.open(config.identity.db_path).close()
+        print(f"wrote {config.identity.db_path}")  # noqa: T201
+    return 0
 
 
 def cmd_certs_dev(config: GatewayConfig, args: argparse.Namespace) -> int:
@@ -112,19 +134,65 @@ def cmd_certs_dev(config: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(config: GatewayConfig, args: argparse.Namespace) -> int:
-    """Create the dev issuer key and the upstream shared secret."""
-    if keys.ensure_signing_key(config.dev_issuer.key_dir, force=args.force):
-        print(f"wrote {config.dev_issuer.key_dir / keys.SIGNING_KEYS_FILE}")  # noqa: T201
+    """Create the issuer's key ring, the TOTP and session keys, and the upstream secret."""
+    from gateway.identity.mfa import ensure_key_file  # noqa: PLC0415
+
+    issuer = config.issuer
+    ring = keyring.keyring_path(issuer.key_dir)
+    if args.force and ring.exists():
+        ring.unlink()
+    if keyring.ensure_keyring(issuer.key_dir, issuer.algorithm):
+        print(f"wrote {ring}")  # noqa: T201
     if keys.ensure_upstream_secret(config.upstream.secret_file, force=args.force):
         print(f"wrote {config.upstream.secret_file}")  # noqa: T201
+    for path in (config.identity.mfa.secret_key_file, config.identity.sessions.key_file):
+        if args.force and path.exists():
+            path.unlink()
+        if ensure_key_file(path):
+            print(f"wrote {path}")  # noqa: T201
+    return 0
+
+
+def cmd_keys_rotate(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Rotate the issuer's signing key (or show what a rotation would do) and audit it."""
+    from gateway.app import retire_after_seconds  # noqa: PLC0415
+
+    plan = keyring.rotate(
+        config.issuer.key_dir,
+        algorithm=config.issuer.algorithm,
+        retire_after_seconds=retire_after_seconds(config),
+        dry_run=args.dry_run,
+    )
+    summary = plan.public_summary()
+    kind = "keys.rotation_planned" if args.dry_run else "keys.rotated"
+    record_offline(
+        config.audit.jsonl_path,
+        config.audit.db_path,
+        system_event(kind, subject=getpass.getuser(), **summary),
+    )
+    print(json.dumps({"dry_run": args.dry_run, **summary}, indent=2))  # noqa: T201
+    if not args.dry_run:
+        print("the running gateway signs with the new key within seconds")  # noqa: T201
+    return 0
+
+
+def cmd_keys_list(config: GatewayConfig, _args: argparse.Namespace) -> int:
+    """Print the key ring without private parts."""
+    now = time.time()
+    for entry in keyring.load_keyring(config.issuer.key_dir):
+        state = "retired" if entry.get("retired_at") else "active"
+        age = int(now - entry.get("created_at", now))
+        print(f"{entry['kid']}  {entry['alg']:<6} {state:<8} age {age}s")  # noqa: T201
     return 0
 
 
 def cmd_token_mint(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Sign a token with the dev issuer's newest key and print it."""
-    dev = config.dev_issuer
+    dev = config.issuer
     if not dev.enabled:
-        raise ConfigError("dev_issuer.enabled is false: this gateway mints no tokens")
+        raise ConfigError("issuer.enabled is false: this gateway mints no tokens")
+    if config.server.environment == "production":
+        raise ConfigError("`token mint` is for development; production tokens come from a login")
     ttl = args.ttl if args.ttl is not None else dev.default_ttl_seconds
     if not 0 < ttl <= dev.max_ttl_seconds:
         raise ValueError(f"--ttl must be within 1..{dev.max_ttl_seconds} seconds")
@@ -137,7 +205,7 @@ def cmd_token_mint(config: GatewayConfig, args: argparse.Namespace) -> int:
             extra[name] = json.loads(value)
         except json.JSONDecodeError:
             extra[name] = value
-    private = keys.load_private_keys(dev.key_dir)[0]
+    private = keyring.load_keyring(dev.key_dir)[0]
     token = keys.mint_token(
         private, issuer=dev.issuer, audience=dev.audience, subject=args.sub,
         roles=args.role, ttl_seconds=ttl, extra_claims=extra,

@@ -67,25 +67,32 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class IssuerConfig:
-    """A trusted token issuer: tokens whose `iss` is this are verified with its JWKS."""
+    """A trusted external token issuer (an OIDC provider): its tokens are verified with its JWKS.
+
+    jwks_uri empty: found by OIDC discovery at {issuer}/.well-known/openid-configuration.
+    role_map entries are "external=role" (e.g. "emp-admins=admin"); when any is given, only
+    mapped values become roles, so an IdP's group names never grant anything by accident.
+    """
 
     issuer: str
-    jwks_uri: str
     audiences: tuple[str, ...]
+    jwks_uri: str = ""
     roles_claim: str = "roles"
+    role_map: tuple[str, ...] = ()
     ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
-class DevIssuerConfig:
-    """The gateway's own issuer: keys in key_dir, JWKS served at /.well-known/jwks.json."""
+class BuiltinIssuerConfig:
+    """The gateway's built-in issuer: keys in key_dir, JWKS at /.well-known/jwks.json."""
 
     enabled: bool = True
     issuer: str = "https://localhost:8443"
     audience: str = "emp-api"
     key_dir: Path = Path("var/keys")
-    default_ttl_seconds: int = 900
-    max_ttl_seconds: int = 86_400
+    algorithm: Literal["EdDSA", "ES256"] = "EdDSA"
+    default_ttl_seconds: int = 900  # access tokens: the token endpoint and `token mint`
+    max_ttl_seconds: int = 86_400  # the longest `token mint --ttl`; retired keys live this long
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,69 @@ class AuthnConfig:
     verified_cache_seconds: int = 60
     allowed_algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
     issuers: tuple[IssuerConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class PasswordConfig:
+    """argon2id parameters (OWASP: 19 MiB, t=2, p=1) and the rules for new passwords."""
+
+    time_cost: int = 2
+    memory_kib: int = 19_456
+    parallelism: int = 1
+    min_length: int = 12
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    """Refresh tokens and sessions of the built-in issuer (access token TTL: issuer.*)."""
+
+    refresh_ttl_seconds: int = 28_800  # one refresh token's life; each use rotates it
+    session_ttl_seconds: int = 43_200  # a login's whole life (refresh family, browser cookie)
+
+
+@dataclass(frozen=True)
+class MfaConfig:
+    """TOTP second factor: enforcement is off unless `enforced`; then for enforced_roles."""
+
+    enforced: bool = False
+    enforced_roles: tuple[str, ...] = ("admin",)
+    issuer_name: str = "EMP gateway"  # the label authenticator apps show
+    secret_key_file: Path = Path("var/secrets/totp.key")
+
+
+@dataclass(frozen=True)
+class LoginLimitConfig:
+    """Brute-force limits (the `limits` library's notation), checked before any password."""
+
+    per_ip: tuple[str, ...] = ("30/minute", "300/hour")
+    per_user_ip_failures: tuple[str, ...] = ("5/minute", "20/hour", "100/day")
+    per_user_failures: tuple[str, ...] = ("100/hour",)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """The browser session cookie (encrypted, HttpOnly, Secure, SameSite=Strict)."""
+
+    cookie_name: str = "__Host-emp_session"
+    key_file: Path = Path("var/secrets/session.key")
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """The built-in identity provider: accounts, logins, MFA, sessions, brute-force limits.
+
+    state_url holds what every worker must share (revoked token ids, refresh families, MFA
+    replay guards, login counters): "memory://" for one process, "redis://host:port/db" for many.
+    """
+
+    enabled: bool = True
+    db_path: Path = Path("var/identity.duckdb")
+    state_url: str = "memory://"
+    passwords: PasswordConfig = field(default_factory=PasswordConfig)
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    mfa: MfaConfig = field(default_factory=MfaConfig)
+    login_limits: LoginLimitConfig = field(default_factory=LoginLimitConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
 
 
 @dataclass(frozen=True)
@@ -152,7 +222,8 @@ class GatewayConfig:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     authn: AuthnConfig = field(default_factory=AuthnConfig)
-    dev_issuer: DevIssuerConfig = field(default_factory=DevIssuerConfig)
+    issuer: BuiltinIssuerConfig = field(default_factory=BuiltinIssuerConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
@@ -253,11 +324,10 @@ def _check(config: GatewayConfig) -> None:
     _check_authn(config)
     if config.limits.max_body_bytes <= 0:
         raise ConfigError("limits.max_body_bytes must be positive")
-    dev = config.dev_issuer
+    dev = config.issuer
     if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
-        raise ConfigError("dev_issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
-    if config.server.environment == "production" and config.dev_issuer.enabled:
-        raise ConfigError("dev_issuer.enabled must be false when server.environment = production")
+        raise ConfigError("issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
+    _check_identity(config)
 
 
 def _check_server(config: GatewayConfig) -> None:
@@ -272,6 +342,8 @@ def _check_server(config: GatewayConfig) -> None:
 
 
 def _check_authn(config: GatewayConfig) -> None:
+    from gateway.oidc import is_safe_url  # noqa: PLC0415 - oidc imports aiohttp; config stays light
+
     allowed = {"RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"}
     bad = set(config.authn.allowed_algorithms) - allowed
     if bad:
@@ -279,12 +351,38 @@ def _check_authn(config: GatewayConfig) -> None:
         raise ConfigError(
             f"authn.allowed_algorithms: {sorted(bad)} not allowed; use {sorted(allowed)}"
         )
-    if not config.authn.issuers and not config.dev_issuer.enabled:
-        raise ConfigError("authn.issuers is empty and dev_issuer is disabled: no token could pass")
+    if not config.authn.issuers and not config.issuer.enabled:
+        raise ConfigError("authn.issuers is empty and issuer is disabled: no token could pass")
     if sum(i.ca_file is not None for i in config.authn.issuers) > 1:
         raise ConfigError("authn.issuers: at most one issuer may set ca_file")
     for i, issuer in enumerate(config.authn.issuers):
         if not issuer.audiences:
             raise ConfigError(f"authn.issuers[{i}].audiences must name at least one audience")
-        if not issuer.jwks_uri.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-            raise ConfigError(f"authn.issuers[{i}].jwks_uri must be https (or loopback http)")
+        for name in ("issuer", "jwks_uri"):
+            url = getattr(issuer, name)
+            if (name == "issuer" or url) and not is_safe_url(url):
+                raise ConfigError(f"authn.issuers[{i}].{name} must be https (or loopback http)")
+        for entry in issuer.role_map:
+            external, sep, role = entry.rpartition("=")  # LDAP group names contain '='
+            if not sep or not external.strip() or not role.strip() or "," in role:
+                raise ConfigError(f"authn.issuers[{i}].role_map: {entry!r} is not external=role")
+
+
+def _check_identity(config: GatewayConfig) -> None:
+    identity = config.identity
+    if identity.enabled and not config.issuer.enabled:
+        raise ConfigError("identity.enabled needs issuer.enabled: logins issue its tokens")
+    if not identity.state_url.startswith(("memory://", "redis://", "rediss://")):
+        raise ConfigError("identity.state_url must be memory:// or redis:// (or rediss://)")
+    passwords = identity.passwords
+    if passwords.time_cost < 1 or passwords.memory_kib < 8 * passwords.parallelism:
+        raise ConfigError("identity.passwords: time_cost >= 1 and memory_kib >= 8 * parallelism")
+    if passwords.min_length < 8:  # noqa: PLR2004 - NIST SP 800-63B's floor
+        raise ConfigError("identity.passwords.min_length must be at least 8")
+    tokens = identity.tokens
+    if not 0 < tokens.refresh_ttl_seconds <= tokens.session_ttl_seconds:
+        raise ConfigError("identity.tokens: refresh_ttl_seconds must be within 1..session_ttl")
+    cookie = identity.sessions.cookie_name
+    if not cookie.startswith("__Host-"):
+        # The __Host- prefix makes the browser insist on Secure, Path=/ and no Domain.
+        raise ConfigError("identity.sessions.cookie_name must start with __Host-")

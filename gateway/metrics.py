@@ -58,6 +58,18 @@ class GatewayMetrics:
             "gateway_policy_decisions", "Policy decisions, by whether the memo answered",
             ["memoised"], registry=r,
         )  # fmt: skip
+        self.signing_key_age = Gauge(
+            "gateway_signing_key_age_seconds", "Age of the built-in issuer's active signing key",
+            registry=r,
+        )  # fmt: skip
+        self.auth_events = Counter(
+            "gateway_auth_events", "Authentication events by kind and outcome",
+            ["event", "outcome"], registry=r,
+        )  # fmt: skip
+        self.lockouts = Counter(
+            "gateway_login_lockouts", "Brute-force lockouts begun (an account/IP limit exhausted)",
+            registry=r,
+        )  # fmt: skip
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
@@ -65,6 +77,11 @@ class GatewayMetrics:
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""
         route = ctx.route_name
+        if ctx.event != "request":
+            outcome = "failure" if ctx.reason_id else "success"
+            self._child(self.auth_events, ctx.event, outcome).inc()
+            if ctx.detail.get("lockout"):
+                self.lockouts.inc()
         self._child(self.latency, route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,7 +19,7 @@ from aiohttp import web
 from gateway.reasons import status_of
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from multidict import MultiDict
 
@@ -90,6 +91,10 @@ class RequestContext:
     message: str = ""
     upstream_ms: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # The audit event's kind: "request", or what a gateway-served endpoint did ("auth.login", ...).
+    event: str = "request"
+    # Who the request was about before anyone authenticated (the username a login tried).
+    attempted: str | None = None
 
     @classmethod
     def start(cls, request: web.Request) -> RequestContext:
@@ -161,7 +166,12 @@ def denial_response(ctx: RequestContext, denial: Denial) -> web.Response:
         headers["WWW-Authenticate"] = 'Bearer realm="emp", error="invalid_token"'
     if denial.reason_id == "route.method_not_allowed" and "allow" in denial.detail:
         headers["Allow"] = ", ".join(denial.detail["allow"])
+    if "retry_after" in denial.detail:
+        headers["Retry-After"] = str(denial.detail["retry_after"])
     return response
+
+
+DenialRenderer = Callable[[RequestContext, Denial], web.Response]
 
 
 class Pipeline:
@@ -172,9 +182,13 @@ class Pipeline:
         stages: Sequence[Stage],
         *,
         observers: Sequence[Callable[[RequestContext], None]],
+        render_denial: DenialRenderer | None = None,
     ) -> None:
         self.stages = tuple(stages)
         self.observers = tuple(observers)
+        # How a refusal looks to this pipeline's clients: JSON by default; the token endpoint
+        # answers in RFC 6749's shape and the login form in HTML (same reason_id and request_id).
+        self.render_denial = render_denial or denial_response
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         """The aiohttp handler: run the stages and answer."""
@@ -211,7 +225,7 @@ class Pipeline:
             return ctx.response
         ctx.status, ctx.reason_id, ctx.message = denial.status, denial.reason_id, denial.message
         ctx.detail.update(denial.detail)
-        ctx.response = denial_response(ctx, denial)
+        ctx.response = self.render_denial(ctx, denial)
         return ctx.response
 
     def _observe(self, ctx: RequestContext) -> None:

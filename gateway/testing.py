@@ -133,11 +133,11 @@ def mint_dev_token(
     key_dir: Path, sub: str = "alice", roles: Sequence[str] = ("reader",), ttl: int = 300
 ) -> str:
     """A token from the dev issuer's newest key, with the dev issuer's default iss and aud."""
-    from gateway import keys  # noqa: PLC0415 - keep this module light for process helpers
-    from gateway.config import DevIssuerConfig  # noqa: PLC0415
+    from gateway import keyring, keys  # noqa: PLC0415 - keep this module light for helpers
+    from gateway.config import BuiltinIssuerConfig  # noqa: PLC0415
 
-    dev = DevIssuerConfig()
-    private = keys.load_private_keys(key_dir)[0]
+    dev = BuiltinIssuerConfig()
+    private = keyring.load_keyring(key_dir)[0]
     return keys.mint_token(
         private, issuer=dev.issuer, audience=dev.audience, subject=sub, roles=list(roles),
         ttl_seconds=ttl,

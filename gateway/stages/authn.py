@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
+from gateway.oidc import claim_path, map_roles
 from gateway.pipeline import Denial, Principal, RequestContext
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ _MESSAGES = {
     "authn.unknown_kid": "the token's signing key is unknown",
     "authn.alg_not_allowed": "the token's algorithm is not allowed",
     "authn.missing_claim": "the token lacks a required claim",
+    "authn.revoked": "the token has been revoked",
 }
 
 
@@ -53,12 +56,17 @@ def refuse(reason_id: str) -> Denial:
 
 @dataclass(frozen=True)
 class TrustedIssuer:
-    """An issuer the gateway accepts tokens from, and where its keys come from."""
+    """An issuer the gateway accepts tokens from, where its keys come from, how roles map."""
 
     issuer: str
     audiences: tuple[str, ...]
     roles_claim: str
     keys: KeySource
+    role_map: tuple[str, ...] = ()  # "external=role"; when set, only mapped values are roles
+
+
+# Asked after every successful verification (cached or not): a revoked token stops at once.
+Revocation = Callable[[Principal], Awaitable[bool]]
 
 
 class Authenticator(Protocol):
@@ -80,8 +88,10 @@ class BearerTokenAuthenticator:
         max_token_bytes: int,
         cache_size: int,
         cache_seconds: int,
+        revoked: Revocation | None = None,
     ) -> None:
         self._issuers = {i.issuer: i for i in issuers}
+        self._revoked = revoked
         self._allowed = frozenset(allowed_algorithms)
         self._leeway = leeway_seconds
         self._max_bytes = max_token_bytes
@@ -105,7 +115,13 @@ class BearerTokenAuthenticator:
         return await self.verify_bearer_token(token.strip())
 
     async def verify_bearer_token(self, token: str) -> Principal:
-        """Check signature and claims; raise Denial with the precise authn.* reason."""
+        """Check signature, claims and revocation; raise Denial with the precise reason."""
+        principal = await self._verified(token)
+        if self._revoked is not None and await self._revoked(principal):
+            raise refuse("authn.revoked")
+        return principal
+
+    async def _verified(self, token: str) -> Principal:
         if not token or len(token) > self._max_bytes:
             raise refuse("authn.malformed")
         now = time.time()
@@ -175,15 +191,6 @@ class BearerTokenAuthenticator:
             self._cache.popitem(last=False)
 
 
-def _claim_path(claims: dict[str, Any], dotted: str) -> Any:
-    value: Any = claims
-    for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _is_name(value: Any) -> bool:
     # Subjects and roles travel on as header values and policy strings: no control characters
     # (CR/LF would split a header, NUL would truncate in C), and a sane length.
@@ -203,7 +210,13 @@ def _principal(claims: dict[str, Any], issuer: TrustedIssuer) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise refuse("authn.missing_claim")
-    roles = _claim_path(claims, issuer.roles_claim) or []
+    if issuer.role_map:
+        try:
+            roles: Any = map_roles(claims, issuer.roles_claim, issuer.role_map)
+        except ValueError:
+            raise refuse("authn.malformed") from None
+    else:
+        roles = claim_path(claims, issuer.roles_claim) or []
     if not _is_name(sub) or not isinstance(roles, list) or not all(_is_role(r) for r in roles):
         raise refuse("authn.malformed")
     amr = claims.get("amr", [])

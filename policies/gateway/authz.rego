@@ -16,7 +16,19 @@ allow if {
 	_has_subject
 	some role in input.subject.roles
 	input.route.action in data.rbac.roles[role].permissions[input.route.resource]
+	not _mfa_missing
 }
+
+# METADATA
+# description: |
+#   data.mfa.required lists, per resource, the actions that need a second factor: the subject's
+#   amr (RFC 8176, set by the gateway's login) must contain "mfa". Empty by default.
+_mfa_missing if {
+	input.route.action in data.mfa.required[input.route.resource]
+	not _used_mfa
+}
+
+_used_mfa if "mfa" in input.subject.amr
 
 _has_subject if {
 	is_string(input.subject.sub)
@@ -46,6 +58,20 @@ _deny_reasons contains "rbac.no_known_role" if {
 _deny_reasons contains "rbac.action_not_granted" if {
 	_has_subject
 	_any_known_role
+	not _granted
+}
+
+# METADATA
+# description: mfa.required - the action needs a second factor and this login had none.
+_deny_reasons contains "mfa.required" if {
+	_has_subject
+	_granted
+	_mfa_missing
+}
+
+_granted if {
+	some role in input.subject.roles
+	input.route.action in data.rbac.roles[role].permissions[input.route.resource]
 }
 
 _any_known_role if {

@@ -102,3 +102,38 @@ test_decision_shape_on_allow if {
 	d.allow == true
 	count(d.reasons) == 0
 }
+
+_mfa_deletes := {"departments": ["delete"]}
+
+_password_only := {"sub": "root", "roles": ["admin"], "amr": ["pwd"]}
+
+# The reason itself ("mfa.required") is checked through a running gateway in
+# tests/e2e/test_identity.py: rego-cpp 1.5.2 mis-evaluates the helper rules' membership tests
+# under `with data.mfa.required`, though not the allow/deny answer checked here.
+test_deny_admin_delete_without_mfa_when_required if {
+	d := data.gateway.authz.decision with input.subject as _password_only
+		with input.route as _route("departments", "delete")
+		with data.mfa.required as _mfa_deletes
+	not d.allow
+	count(d.reasons) == 1
+}
+
+test_allow_admin_delete_with_mfa_when_required if {
+	data.gateway.authz.allow with input.subject as {"sub": "root", "roles": ["admin"], "amr": ["pwd", "otp", "mfa"]}
+		with input.route as _route("departments", "delete")
+		with data.mfa.required as _mfa_deletes
+}
+
+test_allow_admin_read_without_mfa_when_only_deletes_require_it if {
+	data.gateway.authz.allow with input.subject as _subject(["admin"])
+		with input.route as _route("departments", "read")
+		with data.mfa.required as _mfa_deletes
+}
+
+test_deny_reader_delete_names_the_grant_not_mfa if {
+	d := data.gateway.authz.decision with input.subject as _subject(["reader"])
+		with input.route as _route("departments", "delete")
+		with data.mfa.required as _mfa_deletes
+	"rbac.action_not_granted" in d.reasons
+	not "mfa.required" in d.reasons
+}

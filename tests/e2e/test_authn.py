@@ -201,7 +201,7 @@ async def test_external_issuer_tokens_of_each_algorithm_are_accepted(stack, clie
     assert event["decision"] == "allow"
 
 
-async def test_dev_issuer_token_is_accepted_and_its_jwks_is_public(stack, client):
+async def test_issuer_token_is_accepted_and_its_jwks_is_public(stack, client):
     """A token minted by the dev issuer passes; its JWKS is served without a token and has no private part."""
     async with client.get(
         stack.url("/api/tickets"), headers={"Authorization": f"Bearer {stack.mint()}"}

@@ -177,15 +177,16 @@ def test_refuses_to_start_without_what_it_needs(make_gateway, tmp_path):
     _serve_fails(config, "authn.leway_seconds")
 
 
-def test_production_refuses_dev_issuer(tmp_path):
-    """The dev issuer cannot be left on in production: the config check names the key."""
+def test_production_refuses_token_mint(tmp_path):
+    """Minting tokens by hand is a development tool: in production only a login issues one."""
     config = tmp_path / "gateway.toml"
     config.write_text('[server]\nenvironment = "production"\n')
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(config), "config", "check"],
+        [sys.executable, "-m", "gateway", "--config", str(config), "token", "mint", "--sub", "x"],
         cwd=REPO,
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
-    assert "dev_issuer.enabled" in result.stderr
+    assert "production" in result.stderr
+    assert "eyJ" not in result.stdout

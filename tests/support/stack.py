@@ -147,6 +147,7 @@ def write_gateway_config(
     jwks_url: str,
     policy_dir: Path | None = None,
     extra: str = "",
+    identity: str = "",
 ) -> Path:
     """A gateway.toml whose every path points into root (policies and routes from the repo)."""
     text = f"""
@@ -171,8 +172,13 @@ jwks_refetch_cooldown_seconds = 2
 issuer = "{IDP_ISSUER}"
 jwks_uri = "{jwks_url}"
 audiences = ["{AUDIENCE}"]
-[dev_issuer]
+[issuer]
 key_dir = "{root}/keys"
+[identity]
+db_path = "{root}/identity.duckdb"
+mfa.secret_key_file = "{root}/secrets/totp.key"
+sessions.key_file = "{root}/secrets/session.key"
+{identity}
 [policy]
 dir = "{policy_dir or REPO / "policies"}"
 [audit]

@@ -8,7 +8,13 @@ import json
 import duckdb
 import pytest
 
-from gateway.audit import AuditWriter, protocol_error_event
+from gateway.audit import (
+    AuditWriter,
+    inbox_dir,
+    protocol_error_event,
+    record_offline,
+    system_event,
+)
 
 
 @pytest.fixture
@@ -76,3 +82,35 @@ async def test_close_drains_what_is_pending(tmp_path):
             db.execute("SELECT count(DISTINCT request_id) FROM audit_events").fetchone()[0] == 250
         )
     assert not list(tmp_path.glob(".audit-batch-*")), "spool files are removed"
+
+
+async def test_events_from_other_processes_reach_the_table_once(writer, tmp_path):
+    """The CLI's events (JSON line at once, row via the inbox) are loaded once, then removed."""
+    event = system_event("keys.rotated", subject="ops", active_kid="k2", retired_kids=["k1"])
+    record_offline(str(tmp_path / "audit.jsonl"), tmp_path / "audit.duckdb", event)
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["kind"] == "keys.rotated"
+    inbox = inbox_dir(tmp_path / "audit.duckdb")
+    [spooled] = list(inbox.glob("*.ndjson"))
+    assert oct(spooled.stat().st_mode & 0o777) == "0o600"
+    # A crash between insert and unlink leaves the file: the next flush must not load it twice.
+    (inbox / "copy.ndjson").write_text(spooled.read_text())
+    await writer.flush()
+    await writer.flush()
+    rows = writer._db.execute(
+        "SELECT kind, subject, detail->>'active_kid' FROM audit_events WHERE kind = 'keys.rotated'"
+    ).fetchall()
+    assert rows == [("keys.rotated", "ops", "k2")]
+    assert list(inbox.glob("*")) == []
+
+
+async def test_inbox_left_while_the_gateway_was_down_is_loaded_at_start(tmp_path):
+    """Events recorded with no gateway running are in the table after the next start."""
+    db = tmp_path / "audit.duckdb"
+    record_offline("-", db, system_event("account.user_added", subject="ops", username="carol"))
+    audit = AuditWriter(jsonl_path="-", db_path=db, flush_interval_seconds=3600, batch_size=10)
+    await audit.start()
+    await audit.close()
+    with duckdb.connect(str(db)) as connection:
+        kinds = connection.execute("SELECT kind FROM audit_events").fetchall()
+    assert kinds == [("account.user_added",)]

@@ -36,12 +36,24 @@ def test_shipped_config_loads_and_is_frozen():
         ('[authn]\nallowed_algorithms = ["none"]\n', "authn.allowed_algorithms"),
         ('[[authn.issuers]]\nissuer = "x"\njwks_uri = "https://x"\n', "authn.issuers[0].audiences"),
         (
-            '[[authn.issuers]]\nissuer = "x"\njwks_uri = "http://idp.example"\naudiences = ["a"]\n',
+            (
+                '[[authn.issuers]]\nissuer = "https://x"\njwks_uri = "http://idp.example"\n'
+                'audiences = ["a"]\n'
+            ),
             "authn.issuers[0].jwks_uri",
         ),
         ("[server]\nhttps_port = 9464\n", "must differ"),
         ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
-        ('[server]\nenvironment = "production"\n', "dev_issuer.enabled"),
+        ('[identity]\nstate_url = "memcached://x"\n', "identity.state_url"),
+        (
+            '[[authn.issuers]]\nissuer = "http://idp.example"\naudiences = ["a"]\n',
+            "authn.issuers[0].issuer",
+        ),
+        (
+            '[[authn.issuers]]\nissuer = "https://x"\naudiences = ["a"]\nrole_map = ["admin"]\n',
+            "role_map",
+        ),
+        ('[identity.sessions]\ncookie_name = "emp"\n', "__Host-"),
         ("not toml at all = = =", "not valid TOML"),
     ],
     ids=[
@@ -55,7 +67,10 @@ def test_shipped_config_loads_and_is_frozen():
         "plain_http_jwks",
         "port_clash",
         "zero_body_limit",
-        "dev_issuer_in_production",
+        "state_url_scheme",
+        "plain_http_issuer",
+        "role_map_without_equals",
+        "cookie_without_host_prefix",
         "bad_toml",
     ],
 )

@@ -1,0 +1,1 @@
+"""The built-in identity provider: accounts, passwords, tokens, sessions, MFA."""
