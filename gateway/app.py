@@ -226,6 +226,8 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
                 cookies=state.cookies,
                 tokens=state.identity.tokens,
                 allowed_origins=allowed_origins(config),
+                revalidate=state.identity.current_grant,
+                revalidate_seconds=config.identity.sessions.revalidate_seconds,
             )
         )
     return [

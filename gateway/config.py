@@ -153,6 +153,9 @@ class SessionConfig:
 
     cookie_name: str = "__Host-emp_session"
     key_file: Path = Path("var/secrets/session.key")
+    # How often a session's roles and status are compared with the account store: a disabled
+    # user's browser session ends within this many seconds.
+    revalidate_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

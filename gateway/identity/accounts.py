@@ -66,14 +66,15 @@ class AccountNotFound(ValueError):  # noqa: N818 - reads as the condition, like 
     """No user or client with that name."""
 
 
-class StoreLocked(RuntimeError):  # noqa: N818 - the name the CLI and admin API catch
-    """Another process (the running gateway) holds the account store's write lock."""
+class StoreLocked(RuntimeError):  # noqa: N818 - the name the CLI catches
+    """Another process holds the account store's write lock (longer than we waited)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(
-            f"{path}: the account store is locked by another process, normally the running "
-            "gateway; stop it to change accounts from the command line"
+            f"{path}: the account store is locked by another process (a running gateway holds "
+            "it only for milliseconds per login; something is holding it open: find it with "
+            f"`fuser {path}`)"
         )
 
 

@@ -120,6 +120,7 @@ def cmd_users_add(config: GatewayConfig, args: argparse.Namespace) -> int:
 def _add_user(
     config: GatewayConfig, args: argparse.Namespace, store: AccountStore, *, password: str
 ) -> int:
+    _warn_unknown_roles(config, args.role)
     user = manage.add_user(store, _passwords(config), args.username, password, args.role)
     _audit(config, "account.user_added", username=user["username"], roles=user["roles"])
     _say(f"added user {user['username']} with roles {', '.join(user['roles'])}")
@@ -131,6 +132,7 @@ def cmd_users_set_roles(
     config: GatewayConfig, args: argparse.Namespace, store: AccountStore
 ) -> int:
     """Replace a user's roles."""
+    _warn_unknown_roles(config, args.role)
     user = manage.set_roles(store, args.username, args.role)
     _audit(config, "account.roles_changed", username=user["username"], roles=user["roles"])
     _say(f"user {user['username']} now has roles {', '.join(user['roles'])}")
@@ -191,6 +193,7 @@ def cmd_users_import(config: GatewayConfig, args: argparse.Namespace, store: Acc
 @_store_command
 def cmd_clients_add(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
     """Create a client and print its secret, which is stored only as a hash."""
+    _warn_unknown_roles(config, args.role)
     client, secret = manage.add_client(store, _passwords(config), args.client_id, args.role)
     _audit(config, "account.client_added", client_id=client["client_id"], roles=client["roles"])
     _say(f"added client {client['client_id']} with roles {', '.join(client['roles'])}")
@@ -242,6 +245,21 @@ def _operator() -> str:
         return getpass.getuser()
     except (OSError, KeyError):  # no login name and no passwd entry (some containers)
         return f"uid:{os.getuid()}"
+
+
+def _warn_unknown_roles(config: GatewayConfig, roles: list[str]) -> None:
+    """Roles are the policy's data: say so when one is not defined there (it grants nothing)."""
+    data_file = config.policy.dir / "data.json"
+    try:
+        defined = json.loads(data_file.read_text(encoding="utf-8"))["rbac"]["roles"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the gateway's own start-up check reports a broken policy directory
+    for role in roles:
+        if role not in defined:
+            sys.stderr.write(
+                f"gateway: warning: role {role!r} is not defined in {data_file} "
+                "(data.rbac.roles): it grants nothing until the security team adds it\n"
+            )
 
 
 def _audit(config: GatewayConfig, kind: str, **detail: Any) -> None:

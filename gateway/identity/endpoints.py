@@ -277,6 +277,7 @@ class IdentityEndpoints:
         if grant is None:
             await self.idp.tokens.end_session(session.sid)
             raise Denial("auth.invalid_grant", "the account can no longer sign in")
+        session = await self.idp.tokens.update_session(session, grant)
         return await self._issued(ctx, grant, session)
 
     async def _issued(

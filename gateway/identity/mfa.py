@@ -21,6 +21,7 @@ import segno
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway.identity.state import account_key
 from gateway.keys import write_private
 
 if TYPE_CHECKING:
@@ -128,11 +129,6 @@ def qr_text(uri: str) -> str:
     return buffer.getvalue()
 
 
-def _account_tag(account: str) -> str:
-    # Hashed so the state store (Redis, perhaps shared) never holds user names in its keys.
-    return hashlib.sha256(account.casefold().encode("utf-8")).hexdigest()[:32]
-
-
 class TotpVerifier:
     """RFC 6238 codes, accepted at most once each: a used code is refused as a replay.
 
@@ -166,10 +162,18 @@ class TotpVerifier:
         timecode = self._matching_timecode(secret, code)
         if timecode is None:
             return False
-        guard = f"totp-used:{_account_tag(account)}:{timecode}"
+        tag = account_key(account)
+        # RFC 6238 section 5.2: once a code was used, no code of that or an earlier period is
+        # accepted, so an older code still inside the window cannot be replayed either.
+        last = await self._state.get(f"totp-last:{tag}")
+        if last is not None and timecode <= int(last):
+            return False
         # Atomic claim: of two concurrent logins with one code (a phished code raced against
         # its owner), exactly one wins.
-        return await self._state.set_if_absent(guard, "1", self._guard_ttl)
+        if not await self._state.set_if_absent(f"totp-used:{tag}:{timecode}", "1", self._guard_ttl):
+            return False
+        await self._state.set(f"totp-last:{tag}", str(timecode), self._guard_ttl)
+        return True
 
     def _matching_timecode(self, secret: str, code: str) -> int | None:
         totp = pyotp.TOTP(secret, digits=self._digits, interval=self._period)

@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 from gateway.pipeline import Denial, Principal
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Awaitable, Callable, Iterable
 
     from aiohttp import web
 
     from gateway.identity.mfa import SecretBox
-    from gateway.identity.tokens import Session, TokenService
+    from gateway.identity.tokens import Grant, Session, TokenService
     from gateway.pipeline import RequestContext
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -112,10 +112,16 @@ class SessionCookieAuthenticator:
         cookies: SessionCookies,
         tokens: TokenService,
         allowed_origins: Iterable[str],
+        revalidate: Callable[[Grant], Awaitable[Grant | None]] | None = None,
+        revalidate_seconds: float = 60.0,
     ) -> None:
         self._cookies = cookies
         self._tokens = tokens
         self._origins = frozenset(o.lower() for o in allowed_origins)
+        # A session outlives many access tokens: every revalidate_seconds its grant is compared
+        # with the accounts, so a disabled user or changed roles take effect within a minute.
+        self._revalidate = revalidate
+        self._revalidate_seconds = revalidate_seconds
 
     async def authenticate(self, ctx: RequestContext) -> Principal | None:
         """The session's principal; CSRF-checked for state-changing methods."""
@@ -128,6 +134,15 @@ class SessionCookieAuthenticator:
         session = await self._tokens.session(sid)
         if session is None:
             raise Denial("authn.revoked", "the session has ended; sign in again")
+        if (
+            self._revalidate is not None
+            and time.time() - session.checked_at > self._revalidate_seconds
+        ):
+            grant = await self._revalidate(session.grant)
+            if grant is None:
+                await self._tokens.end_session(sid)
+                raise Denial("authn.revoked", "the account can no longer sign in")
+            session = await self._tokens.update_session(session, grant)
         if ctx.request.method not in SAFE_METHODS:
             check_same_origin(ctx, self._origins)
             check_csrf_token(session.csrf, await _presented_csrf(ctx))

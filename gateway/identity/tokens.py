@@ -64,6 +64,7 @@ class Session:
     grant: Grant
     csrf: str
     expires_at: float
+    checked_at: float = 0.0  # when the grant was last compared with the account store
 
 
 class RefreshError(Exception):
@@ -106,15 +107,33 @@ class TokenService:
 
     async def start_session(self, grant: Grant) -> Session:
         """A new session (refresh family) for a successful login."""
+        now = time.time()
         session = Session(
             sid=secrets.token_urlsafe(18),
             grant=grant,
             csrf=secrets.token_urlsafe(32),
-            expires_at=time.time() + self.session_ttl,
+            expires_at=now + self.session_ttl,
+            checked_at=now,
         )
-        record = {"grant": grant.to_json(), "csrf": session.csrf, "exp": session.expires_at}
-        await self.state.set(f"session:{session.sid}", json.dumps(record), self.session_ttl)
+        await self._store_session(session)
         return session
+
+    async def update_session(self, session: Session, grant: Grant) -> Session:
+        """The session with the grant as the accounts say now (roles changed, say)."""
+        updated = Session(session.sid, grant, session.csrf, session.expires_at, time.time())
+        await self._store_session(updated)
+        return updated
+
+    async def _store_session(self, session: Session) -> None:
+        record = {
+            "grant": session.grant.to_json(),
+            "csrf": session.csrf,
+            "exp": session.expires_at,
+            "checked": session.checked_at,
+        }
+        remaining = session.expires_at - time.time()
+        if remaining > 0:
+            await self.state.set(f"session:{session.sid}", json.dumps(record), remaining)
 
     async def session(self, sid: str) -> Session | None:
         """The live session with this id, or None when it ended, expired or never was."""
@@ -122,7 +141,8 @@ class TokenService:
         if text is None:
             return None
         record = json.loads(text)
-        return Session(sid, Grant.from_json(record["grant"]), record["csrf"], record["exp"])
+        grant = Grant.from_json(record["grant"])
+        return Session(sid, grant, record["csrf"], record["exp"], record.get("checked", 0.0))
 
     async def end_session(self, sid: str) -> bool:
         """Revoke the session and with it every refresh token of its family."""

@@ -8,12 +8,18 @@ import asyncio
 import json
 import time
 from contextlib import ExitStack
-from http.cookies import SimpleCookie
 
 import jwt
 import pyotp
 import pytest
-from support.identity import PASSWORDS, basic, claims_of, start_identity_gateway
+from support.identity import (
+    PASSWORDS,
+    basic,
+    browser_login,
+    claims_of,
+    cookies_from,
+    start_identity_gateway,
+)
 
 from gateway.testing import read_audit_events
 
@@ -223,30 +229,6 @@ async def _request_id_of_last(gateway, kind):
     await asyncio.sleep(0.05)
     found = [e for e in read_audit_events(gateway.audit_file) if e["kind"] == kind]
     return found[-1]["request_id"]
-
-
-def cookies_from(response) -> dict[str, str]:
-    jar: dict[str, str] = {}
-    for header in response.headers.getall("Set-Cookie", []):
-        parsed = SimpleCookie()
-        parsed.load(header)
-        for name, morsel in parsed.items():
-            jar[name] = morsel.value
-    return jar
-
-
-async def browser_login(idp, session, user="alice", **extra):
-    async with session.get(idp.url("/auth/login"), headers={"Accept": "text/html"}) as page:
-        assert page.status == 200
-        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
-        login_cookie = cookies_from(page)["__Host-emp_login"]
-    form = {"username": user, "password": PASSWORDS[user], "csrf_token": login_cookie, **extra}
-    async with session.post(
-        idp.url("/auth/login"), data=form, allow_redirects=False,
-        headers={"Cookie": f"__Host-emp_login={login_cookie}", "Accept": "application/json",
-                 "Origin": "https://localhost:8443", "Sec-Fetch-Site": "same-origin"},
-    ) as r:  # fmt: skip
-        return r.status, await r.json(), r
 
 
 async def test_browser_login_sets_a_hardened_cookie_that_acts_as_the_user(idp):

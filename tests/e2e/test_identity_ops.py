@@ -10,14 +10,23 @@ from contextlib import ExitStack
 
 import pyotp
 import pytest
-from support.identity import PASSWORDS, claims_of, copy_policies, start_identity_gateway
+from support.identity import (
+    PASSWORDS,
+    browser_login,
+    claims_of,
+    cookies_from,
+    copy_policies,
+    start_identity_gateway,
+)
 from support.redis_server import redis_server_process
 
 from gateway.testing import read_audit_events
 
 
 async def api(gateway, session, method, path, token=None, **kwargs):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = kwargs.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     async with session.request(method, gateway.url(path), headers=headers, **kwargs) as r:
         return r.status, (await r.json() if r.status != 204 else {})
 
@@ -33,7 +42,8 @@ def mfa_gateway(stack, tmp_path_factory):
     with ExitStack() as processes:
         gateway = start_identity_gateway(
             processes, root / "gw", upstream_port=stack.upstream_port,
-            upstream_secret=stack.secret, identity="mfa.enforced = true", policy_dir=policies,
+            upstream_secret=stack.secret, identity="mfa.enforced = true\nsessions.revalidate_seconds = 0.5",
+            policy_dir=policies,
         )  # fmt: skip
         yield gateway
 
@@ -110,6 +120,27 @@ async def test_accounts_change_while_the_gateway_runs(mfa_gateway):
     kinds = [e["kind"] for e in read_audit_events(gw.audit_file)]
     assert "account.user_added" in kinds
     assert "account.user_disabled" in kinds
+
+
+async def test_a_browser_session_follows_account_changes(mfa_gateway):
+    """New roles reach a live cookie session, and disabling the user ends it."""
+    gw = mfa_gateway
+    added = gw.cli("users", "add", "dave", "--role", "reader", "--password-stdin",
+                   stdin="dave's long password\n")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    async with gw.session() as session:
+        status, body, response = await browser_login(gw, session, "dave", "dave's long password")
+        assert status == 200, body
+        cookie = {"Cookie": f"__Host-emp_session={cookies_from(response)['__Host-emp_session']}"}
+        assert gw.cli("users", "set-roles", "dave", "--role", "reader", "--role",
+                      "ingest_process").returncode == 0  # fmt: skip
+        await asyncio.sleep(0.6)
+        status, who = await api(gw, session, "GET", "/auth/session", headers=cookie)
+        assert (status, who["roles"]) == (200, ["reader", "ingest_process"])
+        assert gw.cli("users", "disable", "dave").returncode == 0
+        await asyncio.sleep(0.6)
+        status, refused = await api(gw, session, "GET", "/api/tickets", headers=cookie)
+        assert (status, refused["reason_id"]) == (401, "authn.revoked")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,30 @@ def copy_policies(target: Path) -> Path:
     """A copy of the repository's policies/ that a test may edit."""
     shutil.copytree(REPO / "policies", target)
     return target
+
+
+def cookies_from(response: Any) -> dict[str, str]:
+    """The cookies a response sets, by name."""
+    jar: dict[str, str] = {}
+    for header in response.headers.getall("Set-Cookie", []):
+        parsed = SimpleCookie()
+        parsed.load(header)
+        for name, morsel in parsed.items():
+            jar[name] = morsel.value
+    return jar
+
+
+async def browser_login(idp, session, user="alice", password=None, **extra):
+    """GET the form, POST it back with its CSRF pair; (status, JSON body, response)."""
+    async with session.get(idp.url("/auth/login"), headers={"Accept": "text/html"}) as page:
+        assert page.status == 200
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        login_cookie = cookies_from(page)["__Host-emp_login"]
+    form = {"username": user, "password": password or PASSWORDS[user],
+            "csrf_token": login_cookie, **extra}  # fmt: skip
+    async with session.post(
+        idp.url("/auth/login"), data=form, allow_redirects=False,
+        headers={"Cookie": f"__Host-emp_login={login_cookie}", "Accept": "application/json",
+                 "Origin": "https://localhost:8443", "Sec-Fetch-Site": "same-origin"},
+    ) as r:  # fmt: skip
+        return r.status, await r.json(), r

@@ -388,11 +388,23 @@ def test_cli_import_destroys_the_source_unless_kept(cli, tmp_path):
         assert secret not in result.stdout + result.stderr
 
 
+def test_cli_warns_about_a_role_the_policy_does_not_define(cli):
+    """A role is policy data: one not in data.rbac.roles is accepted but flagged as granting nothing."""
+    made = cli("users", "add", "erin", "--role", "auditor", "--password-stdin",
+               stdin="erin's long password\n")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "'auditor' is not defined" in made.stderr
+    known = cli("users", "add", "fay", "--role", "reader", "--password-stdin",
+                stdin="fay's long password!\n")  # fmt: skip
+    assert known.returncode == 0
+    assert "warning" not in known.stderr
+
+
 def test_cli_exits_3_while_the_gateway_holds_the_store(cli):
     """With the store held open elsewhere, account commands exit 3 and say who holds it."""
     with AccountStore.open(cli.var / "identity.duckdb"):
         held = cli("users", "list")
     assert held.returncode == 3
-    assert "running gateway" in held.stderr
+    assert "locked by another process" in held.stderr
     assert "Traceback" not in held.stderr
     assert cli("users", "list").returncode == 0

@@ -165,6 +165,16 @@ async def test_replay_is_refused_later_in_the_window():
     assert not await totp.verify("alice", secret, code)
 
 
+async def test_an_older_code_is_refused_once_a_newer_one_was_used():
+    """RFC 6238 5.2: after the current code, the previous period's (still in window) fails."""
+    secret = new_totp_secret()
+    totp = verifier()
+    generator = pyotp.TOTP(secret)
+    assert await totp.verify("alice", secret, generator.at(NOW))
+    assert not await totp.verify("alice", secret, generator.at(NOW - 30))
+    assert await verifier().verify("alice", secret, generator.at(NOW - 30))  # fresh state: ok
+
+
 async def test_replay_guard_ignores_account_case():
     """Alice and ALICE are one account for the replay guard."""
     secret = new_totp_secret()
