@@ -254,9 +254,10 @@ def _revocation(state: GatewayState) -> Revocation | None:
     own = state.config.issuer.issuer
 
     async def revoked(principal: Principal) -> bool:
-        if principal.issuer != own:
-            return False
+        # Any issuer's token can be denylisted by its jti (logout); only ours carry sessions.
         jti, sid = principal.claims.get("jti"), principal.claims.get("sid")
+        if principal.issuer != own:
+            sid = None
         try:
             return await identity.tokens.is_revoked(
                 jti if isinstance(jti, str) else None, sid if isinstance(sid, str) else None
@@ -278,7 +279,7 @@ def build_identity_stages(state: GatewayState, api_stages: list[Stage]) -> list[
         cookies=state.cookies,
         jwks=keyring.public_jwks,
         issuer=state.config.issuer.issuer,
-        algorithm=state.config.issuer.algorithm,
+        algorithm=lambda: str(keyring.active["alg"]),
         allowed_origins=allowed_origins(state.config),
     )
     authn = next(stage for stage in api_stages if stage.name == "authn")
@@ -477,6 +478,9 @@ def build_admin_app(api: web.Application) -> web.Application:
             "upstream": UPSTREAM_SESSION in api and await upstream_reachable(api),
             "audit": state.audit is not None,
         }
+        if state.identity is not None:
+            # Logins and every built-in token need the shared state: without it, not ready.
+            checks["identity_state"] = await state.identity.tokens.state.ping()
         ready = all(checks.values())
         body = {"status": "ready" if ready else "not_ready", "checks": checks,
                 "policy_revision": state.engine.revision}  # fmt: skip

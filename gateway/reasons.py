@@ -33,7 +33,7 @@ REASONS: MappingProxyType[str, int] = MappingProxyType(
         "auth.invalid_grant": 400,
         "auth.refresh_reused": 400,
         "auth.mfa_required": 401,
-        "auth.mfa_failed": 401,
+        "auth.mfa_failed": 400,
         "auth.mfa_state": 409,
         "auth.rate_limited": 429,
         "auth.locked_out": 429,

@@ -61,6 +61,17 @@ def _register_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         status.add_argument("username")
         status.set_defaults(func=handler)
 
+    password = users.add_parser("set-password", help="replace a user's password (asked twice)")
+    password.add_argument("username")
+    password.add_argument(
+        "--password-stdin", action="store_true", help="read it as one line from stdin"
+    )
+    password.set_defaults(func=cmd_users_set_password)
+
+    reset = users.add_parser("reset-mfa", help="turn a user's MFA off (lost device and codes)")
+    reset.add_argument("username")
+    reset.set_defaults(func=cmd_users_reset_mfa)
+
     listing = users.add_parser("list", help="every user, without hashes")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(func=cmd_users_list)
@@ -84,6 +95,14 @@ def _register_clients(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate = clients.add_parser("rotate-secret", help="replace a client's secret; print it once")
     rotate.add_argument("client_id")
     rotate.set_defaults(func=cmd_clients_rotate_secret)
+
+    for name, handler, text in (
+        ("disable", cmd_clients_disable, "refuse the client new tokens"),
+        ("enable", cmd_clients_enable, "let a disabled client get tokens again"),
+    ):
+        status = clients.add_parser(name, help=text)
+        status.add_argument("client_id")
+        status.set_defaults(func=handler)
 
     listing = clients.add_parser("list", help="every client, without secrets")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -127,6 +146,51 @@ def _add_user(
     return 0
 
 
+def cmd_users_set_password(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Replace a user's password (checked against the rules; hashed before the store opens)."""
+    password = _read_new_password(from_stdin=args.password_stdin)
+    password_hash = manage.new_password_hash(_passwords(config), args.username, password)
+
+    def store_it(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
+        user = manage.set_password_hash(store, args.username, password_hash)
+        _audit(config, "account.password_changed", username=user["username"])
+        _say(f"password of {user['username']} changed")
+        return 0
+
+    return _store_command(store_it)(config, args)
+
+
+@_store_command
+def cmd_users_reset_mfa(
+    config: GatewayConfig, args: argparse.Namespace, store: AccountStore
+) -> int:
+    """Turn a user's MFA off; their next login enrols again (or is restricted when enforced)."""
+    user = manage.reset_mfa(store, args.username)
+    _audit(config, "account.mfa_reset", username=user["username"])
+    _say(f"MFA of {user['username']} is off; they enrol again at their next login")
+    return 0
+
+
+@_store_command
+def cmd_clients_disable(
+    config: GatewayConfig, args: argparse.Namespace, store: AccountStore
+) -> int:
+    """Disable a client."""
+    client = manage.set_client_status(store, args.client_id, "disabled")
+    _audit(config, "account.client_disabled", client_id=client["client_id"])
+    _say(f"client {client['client_id']} is disabled")
+    return 0
+
+
+@_store_command
+def cmd_clients_enable(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
+    """Enable a disabled client."""
+    client = manage.set_client_status(store, args.client_id, "active")
+    _audit(config, "account.client_enabled", client_id=client["client_id"])
+    _say(f"client {client['client_id']} is active")
+    return 0
+
+
 @_store_command
 def cmd_users_set_roles(
     config: GatewayConfig, args: argparse.Namespace, store: AccountStore
@@ -166,13 +230,23 @@ def cmd_users_list(_config: GatewayConfig, args: argparse.Namespace, store: Acco
     return 0
 
 
-@_store_command
-def cmd_users_import(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
+def cmd_users_import(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Import a legacy CSV (all rows or none) and destroy it unless --keep-source."""
     source: Path = args.file
-    report = manage.import_users(
-        store, _passwords(config), source, purge_source=not args.keep_source
-    )
+    # Hash first (seconds for many rows), then hold the store only to write: logins go on.
+    prepared = manage.prepare_import(_passwords(config), source)
+    return _store_command(functools.partial(_commit_import, prepared=prepared))(config, args)
+
+
+def _commit_import(
+    config: GatewayConfig,
+    args: argparse.Namespace,
+    store: AccountStore,
+    *,
+    prepared: manage.PreparedImport,
+) -> int:
+    source: Path = args.file
+    report = manage.commit_import(store, prepared, source, purge_source=not args.keep_source)
     _audit(config, "account.users_imported", source=str(source), count=report["imported"],
            usernames=report["usernames"], schemes=report["schemes"], weak=report["weak"],
            source_purged=report["source_purged"])  # fmt: skip

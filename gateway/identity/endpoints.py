@@ -27,7 +27,7 @@ from aiohttp import web
 from gateway.identity import mfa
 from gateway.identity.bruteforce import GuardUnavailable
 from gateway.identity.forms import parse_form
-from gateway.identity.provider import MFA_ENROLL_SCOPE, totp_context
+from gateway.identity.provider import totp_context
 from gateway.identity.sessions import (
     CSRF_FIELD,
     check_csrf_token,
@@ -35,7 +35,7 @@ from gateway.identity.sessions import (
 )
 from gateway.identity.state import StateStoreError
 from gateway.identity.tokens import RefreshError
-from gateway.pipeline import Denial, RequestContext, denial_response
+from gateway.pipeline import Denial, Principal, RequestContext, denial_response
 from gateway.routes import Route, compile_path
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ _OAUTH_ERRORS = {
     "auth.locked_out": "slow_down",
     "auth.unavailable": "temporarily_unavailable",
     "request.too_large": "invalid_request",
+    "internal.error": "server_error",
 }
 _SCOPES = frozenset({"emp"})
 
@@ -150,7 +151,7 @@ class IdentityEndpoints:
         cookies: SessionCookies | None,
         jwks: Callable[[], dict[str, Any]],
         issuer: str,
-        algorithm: str,
+        algorithm: Callable[[], str],
         allowed_origins: frozenset[str],
     ) -> None:
         self._idp = provider
@@ -212,9 +213,9 @@ class IdentityEndpoints:
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "response_types_supported": ["none"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": [self._algorithm],
-            "token_endpoint_auth_signing_alg_values_supported": [self._algorithm],
-            "scopes_supported": sorted(_SCOPES | {MFA_ENROLL_SCOPE}),
+            # The algorithm of the key that signs now (a configured change waits for a rotation).
+            "id_token_signing_alg_values_supported": [self._algorithm()],
+            "scopes_supported": sorted(_SCOPES),
             "claims_supported": [
                 "iss", "sub", "aud", "exp", "iat", "nbf", "jti", "roles", "scope", "amr",
                 "sid", "client_id",
@@ -285,6 +286,7 @@ class IdentityEndpoints:
     ) -> dict[str, Any]:
         body = await self.idp.tokens.token_response(grant, session)
         ctx.attempted = grant.subject
+        ctx.principal = _principal_of(grant, self.idp.tokens.issuer, session)
         ctx.detail.update(
             issued_to=grant.subject, roles=list(grant.roles), amr=list(grant.amr),
             scope=grant.scope, session=session.sid if session else None,
@@ -312,6 +314,7 @@ class IdentityEndpoints:
             raise Denial("auth.invalid_request", "username and password are required")
         grant = await self.idp.login(ctx, username, password, form.get("code") or None)
         session = await self.idp.tokens.start_session(grant)
+        ctx.principal = _principal_of(grant, self.idp.tokens.issuer, session)
         ctx.detail.update(session=session.sid, amr=list(grant.amr))
         if _wants_html(ctx.request):
             response: web.StreamResponse = web.Response(
@@ -335,6 +338,8 @@ class IdentityEndpoints:
             await self.idp.tokens.end_session(sid)
         jti = principal.claims.get("jti")
         if isinstance(jti, str) and principal.claims.get("session") != "cookie":
+            # Any issuer's token with a jti: the gateway refuses it from now on, even though
+            # the external IdP would still call it valid until it expires.
             await self.idp.tokens.revoke_access_token(jti, principal.expires_at)
         ctx.detail.update(session=sid, revoked_jti=jti)
         response = web.json_response({"status": "signed_out"}, headers=_NO_STORE)
@@ -464,6 +469,18 @@ def _client_credentials(request: web.BaseRequest, form: dict[str, str]) -> tuple
     if not form_id or not form_secret:
         raise Denial("auth.invalid_client", "client authentication failed")
     return form_id, form_secret
+
+
+def _principal_of(grant: Grant, issuer: str, session: Session | None) -> Principal:
+    """Who just signed in: the audit event's subject and roles."""
+    return Principal(
+        sub=grant.subject,
+        roles=grant.roles,
+        issuer=issuer,
+        claims={"sid": session.sid} if session else {},
+        amr=grant.amr,
+        expires_at=session.expires_at if session else 0.0,
+    )
 
 
 def _session_document(grant: Grant, expires_at: float, csrf: str) -> dict[str, Any]:

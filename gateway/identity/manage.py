@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gateway.identity.accounts import AccountExists, AccountNotFound, NewUser
+from gateway.identity.accounts import AccountExists, AccountNotFound, NewUser, Status
 from gateway.identity.passwords import (
     LEGACY_DIGESTS,
     PLAIN_SCHEME,
@@ -71,6 +71,31 @@ def enable_user(store: AccountStore, username: str) -> dict[str, Any]:
     return _user(store, username).public()
 
 
+def set_password_hash(store: AccountStore, username: str, password_hash: str) -> dict[str, Any]:
+    """Replace a user's password with an argon2id hash made by new_password_hash."""
+    store.update_password_hash(username, password_hash, PLAIN_SCHEME)
+    return _user(store, username).public()
+
+
+def new_password_hash(passwords: Passwords, username: str, password: str) -> str:
+    """Check a new password against the rules and hash it (slow: do it before opening the store)."""
+    validate_username(username)
+    passwords.validate_new_password(username, password)
+    return passwords.hash(password)
+
+
+def reset_mfa(store: AccountStore, username: str) -> dict[str, Any]:
+    """Turn a user's MFA off (lost device and recovery codes): the next login enrols again."""
+    store.set_mfa(username, "none", None, ())
+    return _user(store, username).public()
+
+
+def set_client_status(store: AccountStore, client_id: str, status: Status) -> dict[str, Any]:
+    """Disable or re-enable a client: a disabled client gets no token (its tokens expire)."""
+    store.set_client_status(client_id, status)
+    return _client(store, client_id).public()
+
+
 def list_users(store: AccountStore) -> list[dict[str, Any]]:
     """Every user's public view."""
     return [user.public() for user in store.list_users()]
@@ -123,24 +148,47 @@ def import_users(
     Any bad row refuses the whole file with a ValueError naming its line, never its password.
     Legacy passwords below today's rules are imported all the same and counted as "weak".
     """
+    return commit_import(
+        store, prepare_import(passwords, csv_path), csv_path, purge_source=purge_source
+    )
+
+
+@dataclass(frozen=True)
+class PreparedImport:
+    """Rows read and hashed, ready to store: the slow part, done without the store's lock."""
+
+    users: tuple[NewUser, ...]
+    lines: tuple[int, ...]  # each user's line in the CSV, for error messages
+    weak: int
+
+
+def prepare_import(passwords: Passwords, csv_path: Path) -> PreparedImport:
+    """Read and check the CSV and hash every password (~30 ms each) before opening the store."""
     rows = _read_import(csv_path)
-    for row in rows:
-        if store.get_user(row.username) is not None:
-            raise ValueError(f"{csv_path}: line {row.line}: user already exists: {row.username}")
-    new_users = [_hashed(passwords, row) for row in rows]
-    store.add_users(new_users)
-    # Nothing but argon2id hashes reached DuckDB; the checkpoint folds its log into the file.
-    store.checkpoint()
-    schemes = Counter(user.hash_scheme for user in new_users)
     weak = sum(
         row.password is not None and not _meets_rules(passwords, row.username, row.password)
         for row in rows
     )
+    users = tuple(_hashed(passwords, row) for row in rows)
+    return PreparedImport(users, tuple(row.line for row in rows), weak)
+
+
+def commit_import(
+    store: AccountStore, prepared: PreparedImport, csv_path: Path, *, purge_source: bool
+) -> dict[str, Any]:
+    """Store prepared users in one transaction, then (by default) destroy the source file."""
+    for line, user in zip(prepared.lines, prepared.users, strict=True):
+        if store.get_user(user.username) is not None:
+            raise ValueError(f"{csv_path}: line {line}: user already exists: {user.username}")
+    store.add_users(list(prepared.users))
+    # Nothing but argon2id hashes reached DuckDB; the checkpoint folds its log into the file.
+    store.checkpoint()
+    schemes = Counter(user.hash_scheme for user in prepared.users)
     report: dict[str, Any] = {
-        "imported": len(new_users),
-        "usernames": [user.username for user in new_users],
+        "imported": len(prepared.users),
+        "usernames": [user.username for user in prepared.users],
         "schemes": dict(schemes),
-        "weak": weak,
+        "weak": prepared.weak,
         "source_purged": False,
     }
     if purge_source:
@@ -151,7 +199,9 @@ def import_users(
             report["purge_error"] = f"{csv_path}: {exc.strerror}; destroy it by hand"
         else:
             report["source_purged"] = True
-    log.info("identity.users_imported", count=len(new_users), source_purged=report["source_purged"])
+    log.info(
+        "identity.users_imported", count=len(prepared.users), source_purged=report["source_purged"]
+    )
     return report
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from gateway.identity import mfa
+from gateway.identity.accounts import StoreLocked
 from gateway.identity.bruteforce import Throttled
 from gateway.identity.passwords import validate_username
 from gateway.identity.tokens import Grant
@@ -56,8 +57,15 @@ class IdentityProvider:
     session_box: SecretBox
 
     async def account_op(self, operation: Callable[[AccountStore], T]) -> T:
-        """Run an account-store operation in a worker thread (the store opens per operation)."""
-        return await asyncio.to_thread(self.accounts.run, operation)
+        """Run an account-store operation in a worker thread (the store opens per operation).
+
+        A store held elsewhere for longer than the wait is an outage, not a bug: 503.
+        """
+        try:
+            return await asyncio.to_thread(self.accounts.run, operation)
+        except StoreLocked:
+            log.exception("identity.store_locked")
+            raise Denial("auth.unavailable", "sign-in is unavailable; try again later") from None
 
     async def login(
         self, ctx: RequestContext, username: str, password: str, code: str | None

@@ -98,7 +98,9 @@ def check_same_origin(ctx: RequestContext, allowed_origins: Iterable[str]) -> No
 def check_csrf_token(expected: str, presented: str | None) -> None:
     """Constant-time comparison of the CSRF token; missing and wrong have their own reasons."""
     if not presented:
-        raise Denial("csrf.missing", "a CSRF token is required (X-CSRF-Token header)")
+        raise Denial(
+            "csrf.missing", "a CSRF token is required (X-CSRF-Token header or csrf_token field)"
+        )
     if not hmac.compare_digest(expected.encode(), presented.encode()):
         raise Denial("csrf.mismatch", "the CSRF token does not match this session")
 

@@ -320,7 +320,7 @@ async def test_mfa_enrolment_then_login_with_codes_replay_and_recovery(idp):
             idp, session, "POST", "/auth/mfa/confirm", access, json={"code": "000000"}
         )
         if totp.now() != "000000":
-            assert (status, wrong["reason_id"]) == (401, "auth.mfa_failed")
+            assert (status, wrong["reason_id"]) == (400, "auth.mfa_failed")
         code = totp.now()
         status, confirmed = await api(
             idp, session, "POST", "/auth/mfa/confirm", access, json={"code": code}
@@ -333,20 +333,20 @@ async def test_mfa_enrolment_then_login_with_codes_replay_and_recovery(idp):
         assert (status, needs["error"], needs["reason_id"]) == (401, "mfa_required",
                                                                  "auth.mfa_required")  # fmt: skip
         status, replay = await idp.login(session, "bob", otp=code)  # used to confirm already
-        assert (status, replay["reason_id"]) == (401, "auth.mfa_failed")
+        assert (status, replay["reason_id"]) == (400, "auth.mfa_failed")
         await _next_period(totp, code)
         fresh = totp.now()
         status, good = await idp.login(session, "bob", otp=fresh)
         assert status == 200, good
         assert set(claims_of(good["access_token"])["amr"]) == {"pwd", "otp", "mfa"}
         status, again = await idp.login(session, "bob", otp=fresh)
-        assert (status, again["reason_id"]) == (401, "auth.mfa_failed")
+        assert (status, again["reason_id"]) == (400, "auth.mfa_failed")
 
         status, rescued = await idp.login(session, "bob", otp=recovery[0].upper())
         assert status == 200
         assert "mfa" in claims_of(rescued["access_token"])["amr"]
         status, spent = await idp.login(session, "bob", otp=recovery[0])
-        assert (status, spent["reason_id"]) == (401, "auth.mfa_failed")
+        assert (status, spent["reason_id"]) == (400, "auth.mfa_failed")
     kinds = [e["kind"] for e in read_audit_events(idp.audit_file) if e["subject"] == "bob"
              or e["detail"].get("attempted") == "bob"]  # fmt: skip
     assert "auth.mfa_failure" in kinds

@@ -20,6 +20,7 @@ from support.identity import (
 )
 from support.redis_server import redis_server_process
 
+from gateway.identity.accounts import AccountStore
 from gateway.testing import read_audit_events
 
 
@@ -202,3 +203,54 @@ async def test_redis_outage_fails_closed(redis_gateway):
             await asyncio.sleep(0.2)
         assert status == 200, body
     assert PASSWORDS["alice"] not in gw.audit_file.read_text()
+
+
+async def test_password_change_mfa_reset_and_client_disable_from_the_cli(mfa_gateway):
+    """set-password, reset-mfa and clients disable act on a running gateway at once."""
+    gw = mfa_gateway
+    assert gw.cli("users", "add", "gina", "--role", "reader", "--password-stdin",
+                  stdin="gina's first password\n").returncode == 0  # fmt: skip
+    changed = gw.cli("users", "set-password", "gina", "--password-stdin",
+                     stdin="gina's second password\n")  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    weak = gw.cli("users", "set-password", "gina", "--password-stdin", stdin="short\n")
+    assert weak.returncode == 2
+    assert "short" not in weak.stderr.replace("too short", "")
+    async with gw.session() as session:
+        old = {"grant_type": "password", "username": "gina", "password": "gina's first password"}
+        assert (await gw.token(session, old))[0] == 400
+        new = {**old, "password": "gina's second password"}
+        status, tokens, _ = await gw.token(session, new)
+        assert status == 200
+
+        status, enrol = await api(gw, session, "POST", "/auth/mfa/enroll", tokens["access_token"])
+        code = pyotp.TOTP(enrol["secret"]).now()
+        status, _ = await api(gw, session, "POST", "/auth/mfa/confirm", tokens["access_token"],
+                              json={"code": code})  # fmt: skip
+        assert status == 200
+        assert (await gw.token(session, new))[1]["reason_id"] == "auth.mfa_required"
+        assert gw.cli("users", "reset-mfa", "gina").returncode == 0
+        assert (await gw.token(session, new))[0] == 200
+
+        secret = gw.client_secrets["ingest-1"]
+        form = {"grant_type": "client_credentials", "client_id": "ingest-1",
+                "client_secret": secret}  # fmt: skip
+        assert (await gw.token(session, form))[0] == 200
+        assert gw.cli("clients", "disable", "ingest-1").returncode == 0
+        status, refused, _ = await gw.token(session, form)
+        assert (status, refused["reason_id"]) == (401, "auth.invalid_client")
+        assert gw.cli("clients", "enable", "ingest-1").returncode == 0
+        assert (await gw.token(session, form))[0] == 200
+    kinds = {e["kind"] for e in read_audit_events(gw.audit_file)}
+    assert {"account.password_changed", "account.mfa_reset", "account.client_disabled"} <= kinds
+
+
+async def test_a_store_held_elsewhere_is_a_503_not_a_crash(mfa_gateway):
+    """If something holds the account store past the wait, logins fail closed with 503."""
+    gw = mfa_gateway
+    with AccountStore.open(gw.root / "identity.duckdb"):
+        async with gw.session(local_ip="127.0.0.30") as session:
+            status, body = await gw.login(session, "alice")
+    assert (status, body["reason_id"], body["error"]) == (
+        503, "auth.unavailable", "temporarily_unavailable"
+    )  # fmt: skip
