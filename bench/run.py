@@ -1,11 +1,13 @@
 """The gateway's benchmark (`make bench`): throughput against a bare proxy, a constant-rate load
-test, and micro-benchmarks of the policy decision and schema validation.
+test, the identity provider (logins, refresh, bearer tokens), and micro-benchmarks of the policy
+decision and schema validation.
 
 Starts its own upstream, gateway and baseline proxies in a fresh temp directory (never var/) and
 always stops them. Exits 0 when the bench ran, whatever the figures; a missed target is a
 finding, reported, not a failure. Non-zero only when the bench itself could not run.
 
     .venv/bin/python bench/run.py [--quick] [--duration S] [--threads N] [--connections N]
+    .venv/bin/python bench/run.py --only identity [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hotspots
+import identity
 import loadgen
 import micro
 import stack as bench_stack
@@ -85,6 +88,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="load-test req/s (default 50)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     parser.add_argument(
+        "--only",
+        choices=["identity"],
+        default=None,
+        help="run one part alone: 'identity' (logins, refresh grant, bearer tokens at 50 req/s)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile the gateway with py-spy in one extra closed-loop run",
@@ -96,6 +105,7 @@ def parse_args() -> argparse.Namespace:
         args.seconds = 5.0 if args.quick else 15.0
     args.warmup = 1.0 if args.quick else 3.0
     args.micro_calls = 2_000 if args.quick else 20_000
+    args.identity = identity.IdentitySettings.quick() if args.quick else identity.IdentitySettings()
     return args
 
 
@@ -262,8 +272,12 @@ def micro_phase(calls: int) -> list[str]:
 
 def run(root: Path, processes: ExitStack, args: argparse.Namespace) -> list[str]:
     """Every phase; the summary lines."""
+    if args.only == "identity":
+        return identity_only(root, processes, args)
     print(f"== Setting up in {root} ==")
     stack = bench_stack.prepare(root)
+    # Before the gateway starts: a running gateway may hold the account store.
+    bench_stack.add_user(stack, identity.USER, identity.PASSWORD, identity.ROLES)
     bench_stack.start_upstream(processes, stack)
     gateway_pid = bench_stack.start_gateway(processes, stack)
     tls_port = bench_stack.start_baseline(processes, stack, with_tls=True)
@@ -316,9 +330,21 @@ def run(root: Path, processes: ExitStack, args: argparse.Namespace) -> list[str]
         )
     )
     summary.append(print_open_loop(load))
+    summary += identity.identity_phase(stack, paths[0], args.identity, stack.ssl_context())
     summary += overhead_phase(root, processes, settings, profile=args.profile)
     summary += micro_phase(args.micro_calls)
     return summary
+
+
+def identity_only(root: Path, processes: ExitStack, args: argparse.Namespace) -> list[str]:
+    """`--only identity`: the upstream and the gateway (no baselines), then the identity part."""
+    print(f"== Setting up in {root} (identity only) ==")
+    stack = bench_stack.prepare(root)
+    bench_stack.add_user(stack, identity.USER, identity.PASSWORD, identity.ROLES)
+    bench_stack.start_upstream(processes, stack)
+    bench_stack.start_gateway(processes, stack)
+    path = f"/api/tickets/{bench_stack.create_ticket(stack)}"
+    return identity.identity_phase(stack, path, args.identity, stack.ssl_context())
 
 
 def overhead_phase(
@@ -394,7 +420,7 @@ def main() -> int:
     header = (
         f"bench {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}, {os.cpu_count()} "
         f"CPUs, Python {platform.python_version()}, {time.monotonic() - started:.0f} s"
-        f"{', --quick' if args.quick else ''}"
+        f"{', --quick' if args.quick else ''}{f', --only {args.only}' if args.only else ''}"
     )
     print("\n== Summary ==")
     print(

@@ -459,7 +459,8 @@ class SharedAccounts:
 
     DuckDB lets one process write a file at a time. Holding the store open for the gateway's
     life would lock the CLI out (`gateway users add` while serving); opening it per operation
-    costs ~20 ms next to a ~30 ms argon2 check, and both sides wait for each other briefly.
+    costs ~25-40 ms here (connect + close dominate) next to a ~30 ms argon2 check, and both
+    sides wait for each other briefly.
     Call from a worker thread (asyncio.to_thread): it blocks.
     """
 
