@@ -385,6 +385,8 @@ def _check_identity(config: GatewayConfig) -> None:
     tokens = identity.tokens
     if not 0 < tokens.refresh_ttl_seconds <= tokens.session_ttl_seconds:
         raise ConfigError("identity.tokens: refresh_ttl_seconds must be within 1..session_ttl")
+    if identity.sessions.revalidate_seconds < 0:
+        raise ConfigError("identity.sessions.revalidate_seconds must be 0 or more")
     cookie = identity.sessions.cookie_name
     if not cookie.startswith("__Host-"):
         # The __Host- prefix makes the browser insist on Secure, Path=/ and no Domain.
