@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import signal
 import sys
 import time
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.logging)
     try:
         return int(args.func(config, args))
+    except BrokenPipeError:
+        # `gateway users list | head`: the reader left; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, DiscoveryError, PolicyError, FileNotFoundError, ValueError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)  # noqa: T201
         return 2

@@ -167,7 +167,7 @@ def cmd_users_reset_mfa(
     """Turn a user's MFA off; their next login enrols again (or is restricted when enforced)."""
     user = manage.reset_mfa(store, args.username)
     _audit(config, "account.mfa_reset", username=user["username"])
-    _say(f"MFA of {user['username']} is off; they enrol again at their next login")
+    _say(f"MFA of {user['username']} is off; they can enrol again (POST /auth/mfa/enroll)")
     return 0
 
 

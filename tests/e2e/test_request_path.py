@@ -342,6 +342,8 @@ async def test_upstream_refuses_callers_without_the_gateway_secret(stack):
 async def test_metrics_and_health_on_the_admin_port(stack, client):
     """/metrics counts requests and denials; /healthz is up; /readyz is ready with all checks."""
     await call(client, stack, "GET", "/api/tickets", None)
+    # A decision of its own (a role set no other test uses), so the test stands alone.
+    await call(client, stack, "GET", "/api/tickets", stack.mint("metrics", ("reader", "admin")))
     admin = f"http://127.0.0.1:{stack.admin_port}"
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{admin}/metrics") as r:
@@ -351,7 +353,9 @@ async def test_metrics_and_health_on_the_admin_port(stack, client):
         async with session.get(f"{admin}/readyz") as r:
             ready = await r.json()
             assert r.status == 200, ready
-    assert ready["checks"] == {"policy": True, "keys": True, "upstream": True, "audit": True}
+    assert ready["checks"] == {
+        "policy": True, "keys": True, "upstream": True, "audit": True, "identity_state": True
+    }  # fmt: skip
     for family in (
         "gateway_requests_total",
         "gateway_request_duration_seconds_bucket",
