@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from gateway.audit import record_offline, system_event
 from gateway.identity import manage
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from gateway.config import GatewayConfig
+    from gateway.identity.accounts import Status
 
     Handler = Callable[[GatewayConfig, argparse.Namespace], int]
     StoreHandler = Callable[[GatewayConfig, argparse.Namespace, AccountStore], int]
@@ -54,8 +55,8 @@ def _register_users(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     set_roles.set_defaults(func=cmd_users_set_roles)
 
     for name, handler, text in (
-        ("disable", cmd_users_disable, "stop a user logging in (refreshes stop too)"),
-        ("enable", cmd_users_enable, "let a disabled user log in again"),
+        ("disable", _status_command("user", "disabled"), "stop a user logging in (sessions too)"),
+        ("enable", _status_command("user", "active"), "let a disabled user log in again"),
     ):
         status = users.add_parser(name, help=text)
         status.add_argument("username")
@@ -97,8 +98,8 @@ def _register_clients(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     rotate.set_defaults(func=cmd_clients_rotate_secret)
 
     for name, handler, text in (
-        ("disable", cmd_clients_disable, "refuse the client new tokens"),
-        ("enable", cmd_clients_enable, "let a disabled client get tokens again"),
+        ("disable", _status_command("client", "disabled"), "refuse the client new tokens"),
+        ("enable", _status_command("client", "active"), "let a disabled client get tokens again"),
     ):
         status = clients.add_parser(name, help=text)
         status.add_argument("client_id")
@@ -171,24 +172,23 @@ def cmd_users_reset_mfa(
     return 0
 
 
-@_store_command
-def cmd_clients_disable(
-    config: GatewayConfig, args: argparse.Namespace, store: AccountStore
-) -> int:
-    """Disable a client."""
-    client = manage.set_client_status(store, args.client_id, "disabled")
-    _audit(config, "account.client_disabled", client_id=client["client_id"])
-    _say(f"client {client['client_id']} is disabled")
-    return 0
+def _status_command(kind: Literal["user", "client"], status: Status) -> Handler:
+    """`users disable|enable` and `clients disable|enable`: set the status, audit, say so."""
+    verb = "disabled" if status == "disabled" else "enabled"
 
+    def run(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
+        if kind == "user":
+            account = manage.set_user_status(store, args.username, status)
+            name, detail = account["username"], {"username": account["username"]}
+            detail["roles"] = account["roles"]
+        else:
+            account = manage.set_client_status(store, args.client_id, status)
+            name, detail = account["client_id"], {"client_id": account["client_id"]}
+        _audit(config, f"account.{kind}_{verb}", **detail)
+        _say(f"{kind} {name} is {status}")
+        return 0
 
-@_store_command
-def cmd_clients_enable(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
-    """Enable a disabled client."""
-    client = manage.set_client_status(store, args.client_id, "active")
-    _audit(config, "account.client_enabled", client_id=client["client_id"])
-    _say(f"client {client['client_id']} is active")
-    return 0
+    return _store_command(run)
 
 
 @_store_command
@@ -200,24 +200,6 @@ def cmd_users_set_roles(
     user = manage.set_roles(store, args.username, args.role)
     _audit(config, "account.roles_changed", username=user["username"], roles=user["roles"])
     _say(f"user {user['username']} now has roles {', '.join(user['roles'])}")
-    return 0
-
-
-@_store_command
-def cmd_users_disable(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
-    """Disable a user."""
-    user = manage.disable_user(store, args.username)
-    _audit(config, "account.user_disabled", username=user["username"], roles=user["roles"])
-    _say(f"user {user['username']} is disabled")
-    return 0
-
-
-@_store_command
-def cmd_users_enable(config: GatewayConfig, args: argparse.Namespace, store: AccountStore) -> int:
-    """Enable a disabled user."""
-    user = manage.enable_user(store, args.username)
-    _audit(config, "account.user_enabled", username=user["username"], roles=user["roles"])
-    _say(f"user {user['username']} is active")
     return 0
 
 

@@ -59,16 +59,20 @@ def set_roles(store: AccountStore, username: str, roles: Sequence[str]) -> dict[
     return _user(store, username).public()
 
 
-def disable_user(store: AccountStore, username: str) -> dict[str, Any]:
-    """Stop a user logging in (refreshes stop too: they re-read the account)."""
-    store.set_status(username, "disabled")
+def set_user_status(store: AccountStore, username: str, status: Status) -> dict[str, Any]:
+    """Disable a user (logins, refreshes and browser sessions stop) or enable them again."""
+    store.set_status(username, status)
     return _user(store, username).public()
+
+
+def disable_user(store: AccountStore, username: str) -> dict[str, Any]:
+    """Stop a user logging in (refreshes and sessions re-read the account and stop too)."""
+    return set_user_status(store, username, "disabled")
 
 
 def enable_user(store: AccountStore, username: str) -> dict[str, Any]:
     """Let a disabled user log in again."""
-    store.set_status(username, "active")
-    return _user(store, username).public()
+    return set_user_status(store, username, "active")
 
 
 def set_password_hash(store: AccountStore, username: str, password_hash: str) -> dict[str, Any]:
