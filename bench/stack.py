@@ -56,6 +56,8 @@ dir = "{repo}/policies"
 [audit]
 jsonl_path = "{root}/audit.jsonl"
 db_path = "{root}/audit.duckdb"
+[decision_log]
+path = "{root}/decisions.jsonl"
 [routes]
 file = "{repo}/config/routes.toml"
 schema_dir = "{repo}/config/schemas"

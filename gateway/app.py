@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
 from gateway.audit import AuditWriter, protocol_error_event, system_event
+from gateway.config import ConfigError
 from gateway.identity.accounts import AccountStore, SharedAccounts
 from gateway.identity.bruteforce import LoginGuard
 from gateway.identity.endpoints import ROUTES as IDENTITY_ROUTES
@@ -35,6 +36,7 @@ from gateway.keyring import KeyRing, KeyRingSource
 from gateway.metrics import GatewayMetrics
 from gateway.oidc import discover
 from gateway.pipeline import Denial, Pipeline, Principal
+from gateway.policy.decisionlog import DecisionLog
 from gateway.policy.embedded import EmbeddedPolicyEngine
 from gateway.routes import RouteTable, load_routes
 from gateway.stages.authn import (
@@ -73,6 +75,7 @@ class GatewayState:
     upstream_secret: str
     keyring: KeyRing | None
     audit: AuditWriter | None = None
+    decision_log: DecisionLog | None = None
     identity: IdentityProvider | None = None
     cookies: SessionCookies | None = None
     identity_pipeline: Pipeline | None = None
@@ -111,6 +114,15 @@ def load_state(config: GatewayConfig) -> GatewayState:
         upstream_secret=keys.read_secret(config.upstream.secret_file),
         keyring=keyring,
     )
+    unknown = set(config.policy.dry_run_routes) - {r.name for r in state.routes.routes}
+    if unknown:
+        raise ConfigError(f"policy.dry_run_routes: no such route {min(unknown)!r}")
+    if config.decision_log.enabled:
+        log_config = config.decision_log
+        state.decision_log = DecisionLog(
+            log_config.path, erase=log_config.erase, mask=log_config.mask,
+            entrypoint=config.policy.entrypoint,
+        )  # fmt: skip
     if config.identity.enabled:
         state.identity, state.cookies = build_identity(config, keyring)
     return state
@@ -234,7 +246,14 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
         NormalizeStage(),
         AuthnStage(authenticators),
         RouteStage(state.routes),
-        AuthzStage(lambda: state.engine, budget_ms=config.policy.eval_budget_ms),
+        AuthzStage(
+            lambda: state.engine,
+            budget_ms=config.policy.eval_budget_ms,
+            dry_run=config.policy.mode == "dry-run",
+            dry_run_routes=config.policy.dry_run_routes,
+            explain=config.server.environment == "development",
+            decision_log=state.decision_log,
+        ),
         ValidateStage(state.routes, max_body_bytes=config.limits.max_body_bytes),
         ForwardStage(
             session=upstream,
@@ -410,6 +429,8 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await upstream.close()
     await jwks_session.close()
+    if state.decision_log is not None:
+        state.decision_log.close()
     if state.identity is not None:
         await state.identity.guard.close()
         await state.identity.tokens.state.close()

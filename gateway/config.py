@@ -186,6 +186,25 @@ class PolicyConfig:
     # Decisions remembered per revision by exact input; 0 disables. Policies that call
     # non-deterministic builtins (time.now_ns, http.send, ...) are never memoised.
     decision_memo_size: int = 4096
+    # "dry-run": a deny is computed, logged and audited as "would deny", and the request goes
+    # on. The feature flag against over-blocking; per route with dry_run_routes, or per policy
+    # with a `"dry_run": true` in the decision. Default: enforce.
+    mode: Literal["enforce", "dry-run"] = "enforce"
+    dry_run_routes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    """The decision log (OPA's decision-log event shape), read back by `policy replay`.
+
+    erase removes and mask replaces ("**REDACTED**") the input fields at these JSON pointers,
+    e.g. "/input/request/remote_addr"; credential headers are always erased.
+    """
+
+    enabled: bool = True
+    path: Path = Path("var/decisions.jsonl")
+    erase: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,6 +247,7 @@ class GatewayConfig:
     issuer: BuiltinIssuerConfig = field(default_factory=BuiltinIssuerConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -331,6 +351,9 @@ def _check(config: GatewayConfig) -> None:
     if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
         raise ConfigError("issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
     _check_identity(config)
+    for pointer in (*config.decision_log.erase, *config.decision_log.mask):
+        if not pointer.startswith("/input/"):
+            raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
 
 
 def _check_server(config: GatewayConfig) -> None:

@@ -70,6 +70,10 @@ class GatewayMetrics:
             "gateway_login_lockouts", "Brute-force lockouts begun (an account/IP limit exhausted)",
             registry=r,
         )  # fmt: skip
+        self.would_deny = Counter(
+            "gateway_policy_would_deny", "Denials not enforced (dry-run), by route", ["route"],
+            registry=r,
+        )  # fmt: skip
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
@@ -77,6 +81,8 @@ class GatewayMetrics:
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""
         route = ctx.route_name
+        if "would_deny" in ctx.detail:
+            self._child(self.would_deny, route).inc()
         if ctx.event != "request":
             outcome = "failure" if ctx.reason_id else "success"
             self._child(self.auth_events, ctx.event, outcome).inc()

@@ -65,6 +65,7 @@ class Decision:
     revision: str
     eval_us: float
     memoised: bool = False
+    dry_run: bool = False  # the policy asked for its denials to be reported, not enforced
 
 
 @dataclass(slots=True)

@@ -82,6 +82,8 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             *,
             policy_dir: Path | None = None,
             extra: str = "",
+            policy: str = "",
+            server: str = "",
             start: bool = True,
         ) -> PrivateGateway:
             root = tmp_path / f"gw-{len(list(tmp_path.glob('gw-*')))}"
@@ -96,6 +98,8 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
                 jwks_url="http://127.0.0.1:9/jwks.json",
                 policy_dir=policy_dir,
                 extra=extra,
+                policy=policy,
+                server=server,
             )
             subprocess.run(
                 [*GATEWAY, "--config", str(config), "setup"],

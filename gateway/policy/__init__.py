@@ -24,7 +24,7 @@ class PolicyEngine(Protocol):
 
 
 def check_decision(result: Any, revision: str, eval_us: float) -> Decision:
-    """Accept only `{"allow": bool, "reasons": [str]}`; any other shape is an engine error."""
+    """Accept only `{"allow": bool, "reasons": [str], "dry_run"?: bool}`; else an engine error."""
     if not isinstance(result, dict):
         raise PolicyError(f"decision is {type(result).__name__}, not an object")
     allow = result.get("allow")
@@ -33,4 +33,13 @@ def check_decision(result: Any, revision: str, eval_us: float) -> Decision:
         raise PolicyError("decision.allow is not a boolean")
     if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
         raise PolicyError("decision.reasons is not a list of strings")
-    return Decision(allow=allow, reasons=tuple(sorted(reasons)), revision=revision, eval_us=eval_us)
+    dry_run = result.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise PolicyError("decision.dry_run is not a boolean")
+    return Decision(
+        allow=allow,
+        reasons=tuple(sorted(reasons)),
+        revision=revision,
+        eval_us=eval_us,
+        dry_run=dry_run,
+    )

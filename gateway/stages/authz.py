@@ -17,9 +17,10 @@ from gateway.pipeline import Denial, RequestContext
 from gateway.policy import PolicyError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from gateway.policy import PolicyEngine
+    from gateway.policy.decisionlog import DecisionLog
 
 log = structlog.get_logger("gateway.authz")
 
@@ -75,19 +76,38 @@ def _safe_claims(claims: dict[str, Any]) -> dict[str, Any]:
 
 
 class AuthzStage:
-    """Sets ctx.decision; denies authz.denied, or authz.engine_error when the engine fails."""
+    """Sets ctx.decision; denies authz.denied, or authz.engine_error when the engine fails.
+
+    A deny in dry-run (the whole policy, a route, or the decision's own `dry_run`) lets the
+    request go on, marked "would deny" in the audit event, the log and a metric. Engine errors
+    are never dry-run: a broken policy fails closed whatever the mode.
+    """
 
     name = "authz"
 
-    def __init__(self, engine: Callable[[], PolicyEngine], *, budget_ms: float) -> None:
+    def __init__(
+        self,
+        engine: Callable[[], PolicyEngine],
+        *,
+        budget_ms: float,
+        dry_run: bool = False,
+        dry_run_routes: Iterable[str] = (),
+        explain: bool = False,
+        decision_log: DecisionLog | None = None,
+    ) -> None:
         self._engine = engine  # a getter, so a reload swaps the engine without touching stages
         self._budget_s = budget_ms / 1000.0
+        self._dry_run = dry_run
+        self._dry_run_routes = frozenset(dry_run_routes)
+        self._explain = explain  # development: the client sees the policy's reasons
+        self._log = decision_log
 
     async def __call__(self, ctx: RequestContext) -> None:
         """Evaluate on the loop (a thread hop costs more than the evaluation)."""
         started = time.perf_counter()
+        document = policy_input(ctx)
         try:
-            decision = self._engine().decide(policy_input(ctx))
+            decision = self._engine().decide(document)
         except PolicyError as exc:
             log.error("authz.engine_error", request_id=ctx.request_id, error=str(exc))  # noqa: TRY400 - the message is the point, a traceback adds nothing
             raise Denial("authz.engine_error", "the authorization decision failed") from None
@@ -95,5 +115,21 @@ class AuthzStage:
             # Evaluation cannot be interrupted, but an answer past its budget is not trusted.
             raise Denial("authz.engine_error", "the authorization decision timed out")
         ctx.decision = decision
-        if not decision.allow:
-            raise Denial("authz.denied", "the policy denies this request")
+        dry_run = self._dry_run or decision.dry_run or ctx.route_name in self._dry_run_routes
+        if self._log is not None:
+            self._log.record(
+                decision_id=ctx.request_id, document=document, decision=decision,
+                wall_time=ctx.wall_time, route=ctx.route_name, dry_run=dry_run,
+            )  # fmt: skip
+        if decision.allow:
+            return
+        if dry_run:
+            ctx.detail["would_deny"] = list(decision.reasons)
+            log.warning("authz.would_deny", request_id=ctx.request_id, route=ctx.route_name,
+                        reasons=list(decision.reasons))  # fmt: skip
+            return
+        if self._explain:
+            raise Denial(
+                "authz.denied", "the policy denies this request", reasons=list(decision.reasons)
+            )
+        raise Denial("authz.denied", "the policy denies this request")

@@ -84,6 +84,9 @@ def start_identity_gateway(
     identity: str = "",
     extra: str = "",
     policy_dir: Path | None = None,
+    policy: str = "",
+    server: str = "",
+    decision_log: str = "",
     clients: dict[str, list[str]] | None = None,
 ) -> IdentityGateway:
     """Set up, create alice/root/bob and the clients with the CLI, then start the gateway."""
@@ -93,7 +96,7 @@ def start_identity_gateway(
         root, https=https, http=http, admin=admin,
         upstream_url=f"http://127.0.0.1:{upstream_port}",
         jwks_url="http://127.0.0.1:9/jwks.json", identity=identity, extra=extra,
-        policy_dir=policy_dir,
+        policy_dir=policy_dir, policy=policy, server=server, decision_log=decision_log,
     )  # fmt: skip
     gateway = IdentityGateway(root, https, admin, config)
     subprocess.run(

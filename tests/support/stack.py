@@ -148,6 +148,9 @@ def write_gateway_config(
     policy_dir: Path | None = None,
     extra: str = "",
     identity: str = "",
+    policy: str = "",
+    server: str = "",
+    decision_log: str = "",
 ) -> Path:
     """A gateway.toml whose every path points into root (policies and routes from the repo)."""
     text = f"""
@@ -156,6 +159,7 @@ host = "127.0.0.1"
 https_port = {https}
 http_port = {http}
 admin_port = {admin}
+{server}
 [tls]
 cert_file = "{root}/certs/server.pem"
 key_file = "{root}/certs/server-key.pem"
@@ -181,9 +185,13 @@ sessions.key_file = "{root}/secrets/session.key"
 {identity}
 [policy]
 dir = "{policy_dir or REPO / "policies"}"
+{policy}
 [audit]
 jsonl_path = "{root}/audit.jsonl"
 db_path = "{root}/audit.duckdb"
+[decision_log]
+path = "{root}/decisions.jsonl"
+{decision_log}
 [routes]
 file = "{REPO}/config/routes.toml"
 schema_dir = "{REPO}/config/schemas"
