@@ -38,6 +38,7 @@ from gateway.oidc import discover
 from gateway.pipeline import Denial, Pipeline, Principal
 from gateway.policy.decisionlog import DecisionLog
 from gateway.policy.embedded import EmbeddedPolicyEngine
+from gateway.policy.reload import PolicyReloader
 from gateway.routes import RouteTable, load_routes
 from gateway.stages.authn import (
     Authenticator,
@@ -56,6 +57,7 @@ from gateway.tls import client_context
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
     from gateway.config import GatewayConfig
     from gateway.pipeline import Stage
@@ -76,6 +78,8 @@ class GatewayState:
     keyring: KeyRing | None
     audit: AuditWriter | None = None
     decision_log: DecisionLog | None = None
+    config_file: Path | None = None  # handed to the reload's `gateway policy test` child
+    reloader: PolicyReloader | None = None
     identity: IdentityProvider | None = None
     cookies: SessionCookies | None = None
     identity_pipeline: Pipeline | None = None
@@ -90,7 +94,7 @@ STATE = web.AppKey("gateway_state", GatewayState)
 UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 
 
-def load_state(config: GatewayConfig) -> GatewayState:
+def load_state(config: GatewayConfig, config_file: Path | None = None) -> GatewayState:
     """Everything that must exist before the gateway may listen; raises with what is missing."""
     engine = EmbeddedPolicyEngine.from_directory(
         config.policy.dir, config.policy.entrypoint, memo_size=config.policy.decision_memo_size
@@ -107,6 +111,7 @@ def load_state(config: GatewayConfig) -> GatewayState:
         keyring.load()
         metrics.signing_key_age.set_function(lambda: keyring.active_age_seconds)
     state = GatewayState(
+        config_file=config_file,
         config=config,
         routes=load_routes(config.routes.file, config.routes.schema_dir),
         engine=engine,
@@ -423,6 +428,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             render_denial=render_identity_denial,
         )
         state.background.append(asyncio.create_task(_watch_keyring(state)))
+    state.reloader = _reloader(state)
+    if config.policy.watch:
+        state.background.append(asyncio.create_task(state.reloader.watch()))
     yield
     state.api = state.identity_pipeline = None
     for task in state.background:
@@ -434,6 +442,32 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if state.identity is not None:
         await state.identity.guard.close()
         await state.identity.tokens.state.close()
+
+
+def _reloader(state: GatewayState) -> PolicyReloader:
+    config = state.config
+
+    def swap(engine: EmbeddedPolicyEngine) -> None:
+        state.metrics.policy_info.clear()
+        state.metrics.policy_info.labels(engine.revision).set(1)
+        state.engine = engine  # the authz stage reads it per request: the next one uses it
+
+    def report(kind: str, detail: dict[str, Any]) -> None:
+        outcome = "accepted" if kind == "policy.reloaded" else "rejected"
+        state.metrics.policy_reloads.labels(outcome).inc()
+        if state.audit is not None:
+            state.audit.emit(system_event(kind, **detail))
+
+    return PolicyReloader(
+        directory=config.policy.dir,
+        entrypoint=config.policy.entrypoint,
+        memo_size=config.policy.decision_memo_size,
+        revision=state.engine.revision,
+        config_file=state.config_file,
+        swap=swap,
+        report=report,
+        timeout_seconds=config.policy.reload_test_timeout_seconds,
+    )
 
 
 async def _watch_keyring(state: GatewayState, interval_seconds: float = 2.0) -> None:
@@ -503,8 +537,15 @@ def build_admin_app(api: web.Application) -> web.Application:
             # Logins and every built-in token need the shared state: without it, not ready.
             checks["identity_state"] = await state.identity.tokens.state.ping()
         ready = all(checks.values())
-        body = {"status": "ready" if ready else "not_ready", "checks": checks,
-                "policy_revision": state.engine.revision}  # fmt: skip
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+            "policy_revision": state.engine.revision,
+        }
+        if state.reloader is not None:
+            # A rejected edit does not make the gateway unready (the last good revision
+            # serves), but it is shown here until a reload succeeds.
+            body["policy_reload"] = state.reloader.status.as_dict()
         return web.json_response(body, status=200 if ready else 503)
 
     admin.router.add_get("/metrics", metrics)

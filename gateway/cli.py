@@ -242,12 +242,12 @@ def cmd_config_check(config: GatewayConfig, _args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(config: GatewayConfig, _args: argparse.Namespace) -> int:
+def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Run until a signal; a missing policy, key, secret or certificate refuses to start."""
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, args.config))
 
 
-async def _serve(config: GatewayConfig) -> int:
+async def _serve(config: GatewayConfig, config_file: Path | None = None) -> int:
     from gateway.app import (  # noqa: PLC0415 - serve-only imports stay off `token mint`
         build_admin_app,
         build_app,
@@ -257,7 +257,7 @@ async def _serve(config: GatewayConfig) -> int:
     )
     from gateway.server import GatewayRunner  # noqa: PLC0415
 
-    state = load_state(config)
+    state = load_state(config, config_file)
     ssl_context = tls.server_context(config.tls)
     api = build_app(state)
     server = config.server
@@ -274,6 +274,16 @@ async def _serve(config: GatewayConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_policies() -> None:
+        # SIGHUP: test and swap in the policy directory's current revision (or keep the old).
+        if state.reloader is not None:
+            task = loop.create_task(state.reloader.reload("sighup"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_policies)
     try:
         for app, host, port, context, hook in plan:
             runner = GatewayRunner(

@@ -191,6 +191,9 @@ class PolicyConfig:
     # with a `"dry_run": true` in the decision. Default: enforce.
     mode: Literal["enforce", "dry-run"] = "enforce"
     dry_run_routes: tuple[str, ...] = ()
+    # Reload on a change under dir (SIGHUP always reloads); each new revision is tested first.
+    watch: bool = True
+    reload_test_timeout_seconds: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,10 @@ class GatewayMetrics:
             "gateway_policy_would_deny", "Denials not enforced (dry-run), by route", ["route"],
             registry=r,
         )  # fmt: skip
+        self.policy_reloads = Counter(
+            "gateway_policy_reloads", "Policy reloads by outcome (accepted, rejected)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
