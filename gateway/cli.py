@@ -103,6 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     ptest = policy.add_parser("test", help="run every test_* rule in the policy directory")
     ptest.add_argument("--dir", type=Path, default=None, help="default: policy.dir from config")
     ptest.set_defaults(func=cmd_policy_test)
+    preplay = policy.add_parser(
+        "replay", help="re-evaluate recorded decisions against an edited policy; print the flips"
+    )
+    preplay.add_argument("--policies", type=Path, required=True, help="the candidate directory")
+    preplay.add_argument("--since", default=None, help="only decisions this recent (24h, 7d, ...)")
+    preplay.add_argument("--log", type=Path, default=None, help="default: decision_log.path")
+    preplay.add_argument("--accept-widening", action="store_true",
+                         help="exit 0 even when decisions flip from deny to allow")  # fmt: skip
+    preplay.set_defaults(func=cmd_policy_replay)
 
     check = sub.add_parser("config", help="configuration").add_subparsers(
         dest="what", required=True
@@ -230,6 +239,25 @@ def cmd_policy_test(config: GatewayConfig, args: argparse.Namespace) -> int:
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")  # noqa: T201
     return 1 if failed or not results else 0
+
+
+def cmd_policy_replay(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Replay the decision log against --policies; exit 1 on deny->allow unless accepted."""
+    from gateway.policy.decisionlog import read_events  # noqa: PLC0415 - regopy only when asked
+    from gateway.policy.embedded import EmbeddedPolicyEngine  # noqa: PLC0415
+    from gateway.policy.replay import parse_duration, render, replay  # noqa: PLC0415
+
+    since = parse_duration(args.since) if args.since else None
+    log_file: Path = args.log or config.decision_log.path
+    if not log_file.exists():
+        raise FileNotFoundError(f"{log_file}: no decision log (decision_log.path)")
+    engine = EmbeddedPolicyEngine.from_directory(args.policies, config.policy.entrypoint)
+    report = replay(read_events(log_file), engine, since=since)
+    print(render(report, args.policies))  # noqa: T201
+    if report.widened_count and not args.accept_widening:
+        print("refused: decisions flip from deny to allow (review, then --accept-widening)")  # noqa: T201
+        return 1
+    return 0
 
 
 def cmd_config_check(config: GatewayConfig, _args: argparse.Namespace) -> int:
