@@ -100,8 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="the Rego policies").add_subparsers(
         dest="what", required=True
     )
-    ptest = policy.add_parser("test", help="run every test_* rule in the policy directory")
+    ptest = policy.add_parser(
+        "test", help="run the test_* rules, check the allow/deny matrix, measure line coverage"
+    )
     ptest.add_argument("--dir", type=Path, default=None, help="default: policy.dir from config")
+    ptest.add_argument("--matrix", type=Path, default=None, help="default: DIR/matrix.toml")
+    ptest.add_argument("--routes", type=Path, default=None, help="default: routes.file from config")
+    ptest.add_argument("--min-coverage", type=float, default=90.0, metavar="PERCENT",
+                       help="fail below this Rego line coverage (default 90)")  # fmt: skip
     ptest.set_defaults(func=cmd_policy_test)
     preplay = policy.add_parser(
         "replay", help="re-evaluate recorded decisions against an edited policy; print the flips"
@@ -229,20 +235,44 @@ def cmd_token_mint(config: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_policy_test(config: GatewayConfig, args: argparse.Namespace) -> int:
-    """Run the Rego tests; non-zero when any fails or none exist."""
-    from gateway.policy.testing import run_policy_tests  # noqa: PLC0415 - regopy only when asked
+    """Rego tests, the allow/deny matrix, line coverage; non-zero when any of them falls short."""
+    # regopy only when asked
+    from gateway.policy import coverage, testing  # noqa: PLC0415
+    from gateway.policy.embedded import EmbeddedPolicyEngine, PolicySources  # noqa: PLC0415
+    from gateway.routes import load_routes  # noqa: PLC0415
 
-    results = run_policy_tests(args.dir or config.policy.dir)
+    directory = args.dir or config.policy.dir
+    results = testing.run_policy_tests(directory)
     for result in results:
         mark = "PASS" if result.passed else "FAIL"
         print(f"{mark} {result.module}: {result.name} {result.error}".rstrip())  # noqa: T201
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")  # noqa: T201
-    return 1 if failed or not results else 0
+
+    sources = PolicySources.read(directory)
+    routes = load_routes(args.routes or config.routes.file, config.routes.schema_dir)
+    matrix = testing.load_matrix(
+        args.matrix or directory / testing.MATRIX_FILE, routes, testing.defined_roles(sources)
+    )
+    engine = EmbeddedPolicyEngine(sources, config.policy.entrypoint)
+    wrong = testing.check_matrix(engine, matrix.cells)
+    for line in [*matrix.problems, *wrong]:
+        print(f"FAIL matrix {line}")  # noqa: T201
+    print(f"matrix: {len(matrix.cells)} cells checked, {len(wrong)} wrong, "  # noqa: T201
+          f"{len(matrix.problems)} missing or stale")  # fmt: skip
+
+    documents = [cell.document for cell in matrix.cells]
+    report = coverage.measure_coverage(sources, documents, config.policy.entrypoint)
+    for line in report.summary():
+        print(line)  # noqa: T201
+    low = report.percent < args.min_coverage
+    mark = "FAIL coverage" if low else "coverage"
+    print(f"{mark}: {report.percent:.1f}% of lines, minimum {args.min_coverage:g}%")  # noqa: T201
+    return 1 if failed or not results or wrong or matrix.problems or low else 0
 
 
 def cmd_policy_replay(config: GatewayConfig, args: argparse.Namespace) -> int:
-    """Replay the decision log against --policies; exit 1 on deny->allow unless accepted."""
+    """Replay recorded decisions against a candidate policy; 1 on deny->allow unless accepted."""
     from gateway.policy.decisionlog import read_events  # noqa: PLC0415 - regopy only when asked
     from gateway.policy.embedded import EmbeddedPolicyEngine  # noqa: PLC0415
     from gateway.policy.replay import parse_duration, render, replay  # noqa: PLC0415
