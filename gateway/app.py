@@ -36,9 +36,11 @@ from gateway.keyring import KeyRing, KeyRingSource
 from gateway.metrics import GatewayMetrics
 from gateway.oidc import discover
 from gateway.pipeline import Denial, Pipeline, Principal
+from gateway.policy.dataapi import add_data_api
 from gateway.policy.decisionlog import DecisionLog
 from gateway.policy.embedded import EmbeddedPolicyEngine
 from gateway.policy.reload import PolicyReloader
+from gateway.policy.remote import RemotePolicyEngine
 from gateway.routes import RouteTable, load_routes
 from gateway.stages.authn import (
     Authenticator,
@@ -96,9 +98,7 @@ UPSTREAM_SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
 
 def load_state(config: GatewayConfig, config_file: Path | None = None) -> GatewayState:
     """Everything that must exist before the gateway may listen; raises with what is missing."""
-    engine = EmbeddedPolicyEngine.from_directory(
-        config.policy.dir, config.policy.entrypoint, memo_size=config.policy.decision_memo_size
-    )
+    engine = build_engine(config)
     metrics = GatewayMetrics()
     metrics.policy_info.labels(engine.revision).set(1)
     keyring = None
@@ -131,6 +131,22 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
     if config.identity.enabled:
         state.identity, state.cookies = build_identity(config, keyring)
     return state
+
+
+def build_engine(config: GatewayConfig) -> PolicyEngine:
+    """The embedded engine over policy.dir, or the remote OPA server (its pool opens later)."""
+    policy = config.policy
+    if policy.engine == "opa-server":
+        return RemotePolicyEngine(
+            policy.opa_url,
+            entrypoint=policy.entrypoint,
+            timeout_ms=policy.opa_timeout_ms,
+            pool_size=policy.opa_pool_size,
+            revision_label=policy.opa_revision_label,
+        )
+    return EmbeddedPolicyEngine.from_directory(
+        policy.dir, policy.entrypoint, memo_size=policy.decision_memo_size
+    )
 
 
 def retire_after_seconds(config: GatewayConfig) -> int:
@@ -360,6 +376,7 @@ def build_app(state: GatewayState) -> web.Application:
     app[STATE] = state
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_audit_ctx)
+    app.cleanup_ctx.append(_remote_policy_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
 
     # The pipelines need the sessions opened at start-up, but the router freezes before that:
@@ -397,6 +414,15 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("audit.drained", written=state.audit.written)
 
 
+async def _remote_policy_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = app[STATE].engine
+    if not isinstance(engine, RemotePolicyEngine):
+        yield
+        return
+    async with engine:  # the pool to OPA lives as long as the app
+        yield
+
+
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
@@ -428,9 +454,10 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             render_denial=render_identity_denial,
         )
         state.background.append(asyncio.create_task(_watch_keyring(state)))
-    state.reloader = _reloader(state)
-    if config.policy.watch:
-        state.background.append(asyncio.create_task(state.reloader.watch()))
+    if config.policy.engine == "embedded":  # a remote OPA loads its own policies
+        state.reloader = _reloader(state)
+        if config.policy.watch:
+            state.background.append(asyncio.create_task(state.reloader.watch()))
     yield
     state.api = state.identity_pipeline = None
     for task in state.background:
@@ -527,8 +554,13 @@ def build_admin_app(api: web.Application) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(_request: web.Request) -> web.Response:
+        engine = state.engine
+        if isinstance(engine, RemotePolicyEngine):
+            policy_ready = await engine.reachable()  # OPA's /health: a sidecar that is down
+        else:
+            policy_ready = bool(engine.revision)
         checks = {
-            "policy": bool(state.engine.revision),
+            "policy": policy_ready,
             "keys": bool(state.issuers) and all(i.keys.ready for i in state.issuers),
             "upstream": UPSTREAM_SESSION in api and await upstream_reachable(api),
             "audit": state.audit is not None,
@@ -551,6 +583,11 @@ def build_admin_app(api: web.Application) -> web.Application:
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
+    policy = state.config.policy
+    if policy.engine == "embedded":
+        add_data_api(
+            admin, lambda: state.engine, entrypoint=policy.entrypoint, policy_dir=policy.dir
+        )
     return admin
 
 

@@ -194,6 +194,13 @@ class PolicyConfig:
     # Reload on a change under dir (SIGHUP always reloads); each new revision is tested first.
     watch: bool = True
     reload_test_timeout_seconds: float = 120.0
+    # "opa-server": decisions come from an OPA server's Data API (a sidecar) instead of the
+    # embedded engine; a timeout or any failure of it is a deny (authz.engine_error).
+    engine: Literal["embedded", "opa-server"] = "embedded"
+    opa_url: str = ""  # https, or http to a loopback host only
+    opa_timeout_ms: float = 25.0  # at most eval_budget_ms: a later answer is thrown away anyway
+    opa_pool_size: int = 32
+    opa_revision_label: str = "opa-server"  # the revision when OPA reports no bundle revision
 
 
 @dataclass(frozen=True)
@@ -354,9 +361,28 @@ def _check(config: GatewayConfig) -> None:
     if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
         raise ConfigError("issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
     _check_identity(config)
+    _check_policy(config)
     for pointer in (*config.decision_log.erase, *config.decision_log.mask):
         if not pointer.startswith("/input/"):
             raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
+
+
+def _check_policy(config: GatewayConfig) -> None:
+    from gateway.oidc import is_safe_url  # noqa: PLC0415 - oidc imports aiohttp; config stays light
+
+    policy = config.policy
+    if policy.engine == "embedded":
+        if policy.opa_url:
+            raise ConfigError('policy.opa_url is set but policy.engine is "embedded": set both')
+        return
+    if not is_safe_url(policy.opa_url):
+        raise ConfigError("policy.opa_url must be https (or http to a loopback host)")
+    if not 0 < policy.opa_timeout_ms <= policy.eval_budget_ms:
+        raise ConfigError("policy.opa_timeout_ms must be within 0..eval_budget_ms")
+    if policy.opa_pool_size < 1:
+        raise ConfigError("policy.opa_pool_size must be at least 1")
+    if not policy.opa_revision_label:
+        raise ConfigError("policy.opa_revision_label must not be empty")
 
 
 def _check_server(config: GatewayConfig) -> None:

@@ -106,8 +106,14 @@ class AuthzStage:
         """Evaluate on the loop (a thread hop costs more than the evaluation)."""
         started = time.perf_counter()
         document = policy_input(ctx)
+        engine = self._engine()
+        # A remote engine answers over the network: awaited, never called on the loop.
+        decide_async = getattr(engine, "decide_async", None)
         try:
-            decision = self._engine().decide(document)
+            if decide_async is None:
+                decision = engine.decide(document)
+            else:
+                decision = await decide_async(document)
         except PolicyError as exc:
             log.error("authz.engine_error", request_id=ctx.request_id, error=str(exc))  # noqa: TRY400 - the message is the point, a traceback adds nothing
             raise Denial("authz.engine_error", "the authorization decision failed") from None
