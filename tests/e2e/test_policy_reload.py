@@ -4,6 +4,7 @@ out, shown in /readyz, counted and audited; SIGHUP reloads when watching is off.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from contextlib import ExitStack
@@ -126,3 +127,60 @@ async def test_sighup_reloads_when_watching_is_off(stack, tmp_path):
 
         await wait_for(changed)
         assert "policy.reloaded" in audit_kinds(gateway)
+
+
+def add_auditor(policies, *, with_matrix: bool) -> None:
+    """The security team's edit: a role that reads tickets, as data (and its matrix rows)."""
+    data = json.loads((policies / "data.json").read_text())
+    data["rbac"]["roles"]["auditor"] = {
+        "description": "Reads tickets, nothing else.",
+        "permissions": {"tickets": ["read"]},
+    }
+    if with_matrix:
+        matrix = (policies / "matrix.toml").read_text()
+        table = matrix.split("[roles.reader]\n", 1)[1].split("\n[", 1)[0]
+        keys = [line.partition("=")[0].strip() for line in table.splitlines()]
+        rows = [
+            f"{key} = " + ('"allow"' if key.startswith('"GET tickets.') else '"deny"')
+            for key in keys
+            if key.startswith('"')
+        ]
+        matrix += "\n[roles.auditor]\n" + "\n".join(rows) + "\n"
+        (policies / "matrix.toml").write_text(matrix)
+    (policies / "data.json").write_text(json.dumps(data, indent=2))
+
+
+async def test_a_new_role_with_its_matrix_rows_takes_effect(reloading_gateway):
+    """Adding a role in data.json plus its matrix rows is accepted and grants at once."""
+    gateway, policies = reloading_gateway
+    before = (await ready(gateway))["policy_revision"]
+    token = gateway.mint("aude", ("auditor",))
+    add_auditor(policies, with_matrix=True)
+
+    async def changed():
+        body = await ready(gateway)
+        return body if body["policy_revision"] != before else None
+
+    body = await wait_for(changed)
+    assert body["policy_reload"]["last_error"] is None
+    async with gateway.session() as session:
+        for path, expected in (("/api/tickets", 200), ("/api/departments", 403)):
+            async with session.get(
+                gateway.url(path), headers={"Authorization": f"Bearer {token}"}
+            ) as r:
+                assert r.status == expected, path
+
+
+async def test_a_new_role_without_matrix_rows_is_rejected(reloading_gateway):
+    """A role the matrix does not cover fails the reload's tests: the old revision stays."""
+    gateway, policies = reloading_gateway
+    before = (await ready(gateway))["policy_revision"]
+    add_auditor(policies, with_matrix=False)
+
+    async def rejected():
+        body = await ready(gateway)
+        return body if body["policy_reload"]["last_error"] else None
+
+    body = await wait_for(rejected)
+    assert body["policy_revision"] == before
+    assert "auditor" in body["policy_reload"]["last_error"]
