@@ -85,6 +85,16 @@ def read_audit_events(path: Path, request_id: str | None = None) -> list[dict[st
     return [e for e in events if e.get("request_id") == request_id]
 
 
+def wait_for_audit_events(
+    path: Path, request_id: str, *, wait: float = 2.0
+) -> list[dict[str, Any]]:
+    """The audit events of one request, waiting up to `wait` s for its line to be written."""
+    deadline = time.monotonic() + wait
+    while not (found := read_audit_events(path, request_id)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
+
+
 async def raw_request(
     port: int, request_line: str, headers: dict[str, str], *, body: bytes = b"", ssl: Any = None
 ) -> tuple[int, dict[str, str], bytes]:

@@ -6,13 +6,11 @@ own OPA-compatible endpoint, reached over real loopback HTTP.
 
 from __future__ import annotations
 
-import time
-
 import aiohttp
 import pytest
 
 from gateway.policy.remote import RemotePolicyEngine
-from gateway.testing import free_port, read_audit_events
+from gateway.testing import free_port, wait_for_audit_events
 
 DECISION_PATH = "/v1/data/gateway/authz/decision"
 # The remote answers over loopback in about a millisecond; generous bounds keep a busy CI green.
@@ -50,12 +48,7 @@ async def api_call(gateway, session, method, path, token):
 
 
 def audit_of(gateway, request_id):
-    deadline = time.monotonic() + 2
-    while not (found := read_audit_events(gateway.audit_file, request_id)):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    return found
+    return wait_for_audit_events(gateway.audit_file, request_id)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from support.identity import (
     start_identity_gateway,
 )
 
-from gateway.testing import read_audit_events
+from gateway.testing import read_audit_events, wait_for_audit_events
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +40,7 @@ def idp(stack, tmp_path_factory):
 
 
 def events(gateway, request_id):
-    deadline = time.monotonic() + 2
-    found = read_audit_events(gateway.audit_file, request_id)
-    while not found and time.monotonic() < deadline:
-        time.sleep(0.02)
-        found = read_audit_events(gateway.audit_file, request_id)
-    return found
+    return wait_for_audit_events(gateway.audit_file, request_id)
 
 
 async def api(gateway, session, method, path, token=None, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 from support.identity import copy_policies, start_identity_gateway
 
 from gateway.policy.decisionlog import read_events
-from gateway.testing import read_audit_events
+from gateway.testing import wait_for_audit_events
 
 
 async def call(gateway, session, method, path, token):
@@ -22,12 +22,7 @@ async def call(gateway, session, method, path, token):
 
 
 def audit_of(gateway, request_id):
-    deadline = time.monotonic() + 2
-    while not (found := read_audit_events(gateway.audit_file, request_id)):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    return found
+    return wait_for_audit_events(gateway.audit_file, request_id)
 
 
 @pytest.fixture(scope="module")
