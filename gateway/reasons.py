@@ -44,6 +44,7 @@ REASONS: MappingProxyType[str, int] = MappingProxyType(
         "authz.denied": 403,
         "authz.engine_error": 403,
         "validation.schema": 422,
+        "validation.rule": 422,
         "validation.content_type": 415,
         "validation.malformed_json": 400,
         "upstream.timeout": 504,

@@ -16,6 +16,7 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from gateway.config import ConfigError
+from gateway.validation.rules import RuleSet, compile_rules
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,7 +25,7 @@ _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)(?::((?:[^{}]|\{[^{}]*\})+))?\}")
 _DEFAULT_PARAM_PATTERN = "[^/]+"
 _KNOWN_KEYS = {
     "name", "methods", "path", "resource", "action", "schema", "record_schema",
-    "content_types", "max_body_bytes", "public",
+    "content_types", "max_body_bytes", "public", "rules",
 }  # fmt: skip
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
@@ -44,6 +45,9 @@ class Route:
     content_types: tuple[str, ...] = ("application/json",)
     max_body_bytes: int | None = None
     public: bool = False
+    # Declarative rules (gateway/validation/rules.py), run after the schema on the body or,
+    # with record_schema, on each record.
+    rules: RuleSet | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ def _route(entry: dict[str, Any], index: int, schema_dir: Path) -> Route:
         content_types=tuple(entry.get("content_types", ("application/json",))),
         max_body_bytes=entry.get("max_body_bytes"),
         public=bool(entry.get("public", False)),
+        rules=compile_rules(str(entry["name"]), entry["rules"]) if "rules" in entry else None,
     )
 
 

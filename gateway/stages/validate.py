@@ -1,4 +1,4 @@
-"""Request validation: content type, strict JSON, then the route's JSON Schema (2020-12).
+"""Request validation: content type, strict JSON, the route's JSON Schema (2020-12), its rules.
 
 Validators are compiled once at start. A failure names the JSON pointer of the failing field.
 Never passes NaN/Infinity, duplicate keys or an unparsed body to the upstream.
@@ -7,6 +7,7 @@ Never passes NaN/Infinity, duplicate keys or an unparsed body to the upstream.
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
@@ -16,6 +17,7 @@ from gateway.pipeline import Denial, RequestContext
 
 if TYPE_CHECKING:
     from gateway.routes import Route, RouteTable
+    from gateway.validation.rules import RuleSet
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 NDJSON = "application/x-ndjson"
@@ -23,6 +25,14 @@ NDJSON = "application/x-ndjson"
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # "1e999" is valid JSON syntax but overflows to inf: as non-finite as a bare Infinity.
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -36,8 +46,13 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_json(text: str) -> Any:
-    """Strict JSON: no NaN/Infinity, no duplicate keys."""
-    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+    """Strict JSON: no NaN/Infinity (nor numbers overflowing to it), no duplicate keys."""
+    return json.loads(
+        text,
+        parse_constant=_reject_constant,
+        parse_float=_finite_float,
+        object_pairs_hook=_no_duplicates,
+    )
 
 
 def json_pointer(path: Any) -> str:
@@ -117,6 +132,8 @@ class ValidateStage:
             _raise_first_error(schema, payload, prefix="")
         records = self._records.get(route.name)
         if records is None:
+            if route.rules:
+                _raise_first_violation(route.rules, payload, prefix="")
             return
         batch = payload if isinstance(payload, list) else [payload]
         if not batch:
@@ -124,6 +141,10 @@ class ValidateStage:
         for index, record in enumerate(batch):
             prefix = f"/{index}" if isinstance(payload, list) else ""
             _raise_first_error(records, record, prefix=prefix)
+        if route.rules:
+            for index, record in enumerate(batch):
+                prefix = f"/{index}" if isinstance(payload, list) else ""
+                _raise_first_violation(route.rules, record, prefix=prefix)
 
 
 def _offending_key(error: jsonschema.ValidationError) -> list[str]:
@@ -148,3 +169,21 @@ def _raise_first_error(validator: Draft202012Validator, instance: Any, *, prefix
         f"{pointer or '/'}: {error.message}"[:500],
         pointer=pointer,
     )
+
+
+def _raise_first_violation(rules: RuleSet, record: Any, *, prefix: str) -> None:
+    """The route's rules, after the schema passed: the first violation refuses (422)."""
+    violations = rules.check(record)
+    if not violations:
+        return
+    first = violations[0]
+    pointer = prefix + first.pointer
+    denial = Denial(
+        "validation.rule",
+        f"{pointer or '/'}: {first.message}"[:500],
+        pointer=pointer,
+        rule=first.rule,
+    )
+    # Denial's own `message` parameter is the client-facing text; the detail carries the rule's.
+    denial.detail["message"] = first.message[:500]
+    raise denial

@@ -1,0 +1,1 @@
+"""Declarative validation beyond JSON Schema: per-route rules compiled from config."""
