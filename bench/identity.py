@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
-from loadgen import percentile
+from loadgen import fire_on_schedule, percentile
 
 from gateway.config import PasswordConfig
 from gateway.identity.accounts import SharedAccounts
@@ -164,17 +164,7 @@ async def fixed_rate(
 ) -> Figures:
     """n calls started 1/rate s apart, never waiting for answers (open loop)."""
     series = _Series()
-    interval = 1.0 / rate
-    tasks = []
-    begin = time.perf_counter()
-    for i in range(n):
-        due = begin + i * interval
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        series.lags.append((time.perf_counter() - due) * 1000.0)
-        tasks.append(asyncio.create_task(series.one(call, i)))
-    await asyncio.gather(*tasks)
+    series.lags.extend(await fire_on_schedule(n, rate, lambda i: series.one(call, i)))
     return series.figures(request, mode or f"{rate:g}/s open loop", target_ms)
 
 

@@ -13,12 +13,13 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Callable, Coroutine
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
@@ -181,6 +182,28 @@ class OpenLoopResult:
         return self.errors / self.requests if self.requests else math.nan
 
 
+async def fire_on_schedule(
+    n: int, rate: float, start: Callable[[int], Coroutine[Any, Any, None]]
+) -> list[float]:
+    """Start start(i) for i in 0..n-1, one every 1/rate s, never waiting for answers.
+
+    Waits for all of them; returns the generator's lag behind the schedule (ms) per start.
+    """
+    interval = 1.0 / rate
+    lags: list[float] = []
+    tasks = []
+    begin = time.perf_counter()
+    for i in range(n):
+        due = begin + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lags.append((time.perf_counter() - due) * 1000.0)
+        tasks.append(asyncio.create_task(start(i)))
+    await asyncio.gather(*tasks)
+    return lags
+
+
 async def open_loop(
     url: str, token: str, *, rate: float, seconds: float, ssl_context: ssl.SSLContext
 ) -> OpenLoopResult:
@@ -189,11 +212,9 @@ async def open_loop(
     Latency runs from the moment the request is handed to aiohttp to the last body byte; the
     generator's own lag behind the schedule is reported apart, so a late client is visible.
     """
-    interval = 1.0 / rate
     total = round(rate * seconds)
     headers = {"Authorization": f"Bearer {token}"}
     latencies: list[float] = []
-    lags: list[float] = []
     statuses: dict[str, int] = {}
     timeout = aiohttp.ClientTimeout(total=5.0)
 
@@ -210,16 +231,7 @@ async def open_loop(
 
     connector = aiohttp.TCPConnector(ssl=ssl_context)
     async with aiohttp.ClientSession(connector=connector) as session:
-        tasks = []
-        begin = time.perf_counter()
-        for i in range(total):
-            due = begin + i * interval
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lags.append((time.perf_counter() - due) * 1000.0)
-            tasks.append(asyncio.create_task(one(session)))
-        await asyncio.gather(*tasks)
+        lags = await fire_on_schedule(total, rate, lambda _i: one(session))
     latencies.sort()
     lags.sort()
     errors = sum(n for status, n in statuses.items() if not status.startswith("2"))

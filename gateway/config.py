@@ -275,16 +275,23 @@ def load_config(
     strings allowed), e.g. `GATEWAY__SERVER__HTTPS_PORT=9443`.
     """
     path = path or DEFAULT_CONFIG
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "config file")
     _apply_env(raw, os.environ if env is None else env)
     config = _build(GatewayConfig, raw, "")
     _check(config)
     return config
+
+
+def read_toml(
+    path: Path, what: str, *, error: type[Exception] = ConfigError, hint: str = ""
+) -> dict[str, Any]:
+    """A TOML file's tables; missing or malformed raises `error` naming the file and `what`."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found{hint}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
 
 
 def _apply_env(raw: dict[str, Any], env: typing.Mapping[str, str]) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, read_toml
 from gateway.validation.rules import RuleSet, compile_rules
 
 if TYPE_CHECKING:
@@ -101,12 +100,7 @@ def compile_path(path: str) -> re.Pattern[str]:
 
 def load_routes(file: Path, schema_dir: Path) -> RouteTable:
     """Read the route table and the schemas it names; any mistake stops the start."""
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: route table not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    raw = read_toml(file, "route table")
     entries = raw.get("route", [])
     if set(raw) - {"route"} or not isinstance(entries, list) or not entries:
         raise ConfigError(f"{file}: expected one or more [[route]] tables and nothing else")

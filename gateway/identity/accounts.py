@@ -147,8 +147,12 @@ class AccountStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> AccountStore:
-        """Open (creating the file 0600 and the tables if missing); StoreLocked if held."""
+    def open(cls, path: Path, *, migrate: bool = True) -> AccountStore:
+        """Open (creating the file 0600 and the tables if missing); StoreLocked if held.
+
+        migrate=False skips the schema check: for the gateway's per-operation opens, after
+        its start-up open has checked the schema once.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             _create_private(path)
@@ -159,6 +163,8 @@ class AccountStore:
                 raise StoreLocked(path) from None
             raise
         store = cls(connection, path)
+        if not migrate:
+            return store
         try:
             store._migrate()
         except BaseException:
@@ -167,13 +173,15 @@ class AccountStore:
         return store
 
     @classmethod
-    def open_waiting(cls, path: Path, *, wait_seconds: float = 5.0) -> AccountStore:
+    def open_waiting(
+        cls, path: Path, *, wait_seconds: float = 5.0, migrate: bool = True
+    ) -> AccountStore:
         """Open, waiting while another process holds the file (for milliseconds, normally)."""
         deadline = time.monotonic() + wait_seconds
         delay = 0.005
         while True:
             try:
-                return cls.open(path)
+                return cls.open(path, migrate=migrate)
             except StoreLocked:
                 if time.monotonic() >= deadline:
                     raise
@@ -470,5 +478,6 @@ class SharedAccounts:
 
     def run(self, operation: Callable[[AccountStore], T]) -> T:
         """Open the store, run operation on it, release the file."""
-        with AccountStore.open_waiting(self.path, wait_seconds=self._wait) as store:
+        # The gateway checked the schema at start (build_identity): not again per login.
+        with AccountStore.open_waiting(self.path, wait_seconds=self._wait, migrate=False) as store:
             return operation(store)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import regopy
 
+from gateway.config import read_toml
 from gateway.pipeline import Denial
 from gateway.policy import PolicyError
 from gateway.policy.embedded import (
@@ -138,12 +138,7 @@ def load_matrix(file: Path, routes: RouteTable, roles: Iterable[str]) -> Matrix:
     The matrix must hold a cell for each role (and `no_role`) on each method of each route: a
     missing or stale one is a problem, so nothing is left untested by accident.
     """
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PolicyError(f"{file}: matrix file not found (see docs/policies.md)") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{file}: not valid TOML: {exc}") from None
+    raw = read_toml(file, "matrix file", error=PolicyError, hint=" (see docs/policies.md)")
     for key in raw:
         if key not in _MATRIX_KEYS:
             raise PolicyError(f"{file}: unknown key '{key}'; expected {', '.join(_MATRIX_KEYS)}")
