@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 SAST_PATHS ?= gateway upstream
 SAST_DEPS ?= venv
 
-.PHONY: help venv setup run test test-deps test-policy lint sast bench clean
+.PHONY: help venv setup run test test-deps test-policy lint sast bench eval-anomaly clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and s
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk not installed: bench/run.py falls back to its Python load generator"
 	$(PY) bench/run.py
+
+eval-anomaly: venv ## outlier detection quality (precision/recall per method) and per-record cost
+	$(PY) bench/eval_anomaly.py
 
 clean: ## remove generated state (var/) and caches; keeps .venv
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

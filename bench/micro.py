@@ -1,4 +1,5 @@
-"""Micro-benchmarks of two per-request costs on their own: the policy decision and schema checks.
+"""Micro-benchmarks of per-request costs on their own: the policy decision, schema checks, and
+the per-record checks of an ingest stream (schema + rules, statistics, the outlier model).
 
 Each runs in this process, with no network, so its figure is the stage's CPU cost alone.
 """
@@ -23,6 +24,10 @@ from gateway.routes import load_routes
 from gateway.stages.authz import policy_input
 from gateway.stages.normalize import normalise_path, parse_query
 from gateway.stages.validate import _validator, parse_json  # the gateway's own compile step
+from gateway.validation import anomaly
+from gateway.validation.baseline import Baseline, FieldStats
+from gateway.validation.records import RecordChecker
+from gateway.validation.streams import load_streams
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -173,3 +178,72 @@ def decide_breakdown(calls: int) -> list[Timing]:
         )
     )
     return timings
+
+
+def reading_record(size: int = 1024) -> dict[str, Any]:
+    """A valid record of the `readings` stream whose JSON is about size bytes (a long note)."""
+    record: dict[str, Any] = {
+        "sensor": "ab-12", "at": "2026-11-23T10:00:00Z", "temperature": 21.4,
+        "humidity": 44.0, "power_w": 307.0, "latency_ms": 21.0,
+        "operator_email": "facilities@example.com", "location": {"lat": 48.1, "lon": 11.6},
+        "note": "",
+    }  # fmt: skip
+    filler = "Calibrated on site; readings nominal after the filter change. "
+    record["note"] = (filler * (size // len(filler) + 1))[: size - len(json.dumps(record))]
+    return record
+
+
+def ingest_timings(calls: int) -> tuple[int, list[Timing]]:
+    """The record's size, then per record: schema + rules, + statistics, + the HBOS model (one
+    record per call), and every stage per record in a batch of 100."""
+    routes = load_routes(REPO / "config" / "routes.toml", REPO / "config" / "schemas")
+    route = next(r for r in routes.routes if r.name == "ingest.write")
+    spec = load_streams(REPO / "config" / "streams.toml", REPO / "config" / "schemas").streams[
+        "readings"
+    ]
+    if spec.statistics is None or spec.model is None:
+        raise RuntimeError("config/streams.toml's readings stream has no statistics or model")
+    checker = RecordChecker(
+        spec, spec.record_schema, tuple(r for r in (route.rules, spec.rules) if r)
+    )
+    record = reading_record()
+    if checker.check([record], batched=True)[0].failures:
+        raise RuntimeError("the bench's reading does not pass the readings stream's checks")
+    summary = FieldStats(1000, 21.0, 2.0, 21.0, 1.35, 19.65, 22.35)
+    baseline = Baseline(dict.fromkeys(spec.statistics.fields, summary), 0.0)
+    rng = __import__("random").Random(0)
+    rows = []
+    for _ in range(2000):
+        t = rng.gauss(21, 2)
+        rows.append([t, rng.gauss(45, 8), 50 + 12 * t + rng.gauss(0, 5)])
+    model = anomaly.train(rows, stream="readings", features=spec.model.names)
+
+    def rules_only() -> object:
+        return checker.check([record], batched=True)
+
+    def with_stats() -> object:
+        outcomes = checker.check([record], batched=True)
+        checker.flag_statistics(outcomes, baseline)
+        return outcomes
+
+    def with_model(batch: list[dict[str, Any]]) -> object:
+        outcomes = checker.check(batch, batched=True)
+        checker.flag_statistics(outcomes, baseline)
+        scored, feature_rows = checker.model_rows(outcomes)
+        checker.flag_model(scored, anomaly.score(model, feature_rows), model)
+        return outcomes
+
+    batch = [record] * 100
+    per_batch = time_calls(
+        "all stages, batch of 100", lambda: with_model(batch), max(calls // 50, 50)
+    )
+    per_record = Timing(
+        "all stages, per record of a 100-batch", per_batch.calls, per_batch.p50_us / 100,
+        per_batch.p99_us / 100, per_batch.mean_us / 100,
+    )  # fmt: skip
+    return len(json.dumps(record)), [
+        time_calls("schema + rules", rules_only, calls),
+        time_calls("schema + rules + statistics", with_stats, calls),
+        time_calls("+ HBOS model, 1 record per call", lambda: with_model([record]), calls // 4),
+        per_record,
+    ]

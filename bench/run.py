@@ -45,6 +45,7 @@ P95_DESIGN_TARGET_MS = 5.0
 DECIDE_P50_TARGET_US = 50.0
 DECIDE_P99_TARGET_US = 300.0
 SCHEMA_P50_TARGET_US = 100.0
+MODEL_P50_TARGET_US = 500.0
 
 
 GATEWAY = "gateway (TLS)"
@@ -256,7 +257,22 @@ def micro_phase(calls: int) -> list[str]:
     print_timings([check, parse_check])
     schema_ok = check.p50_us <= SCHEMA_P50_TARGET_US
     print(f"  target p50 <= {SCHEMA_P50_TARGET_US:g} us (schema check): {verdict(schema_ok)}")
+    size, (rules, stats, model, batched) = micro.ingest_timings(calls)
+    print(f"\n== Ingest record checks (readings stream, {size}-byte record) ==")
+    print_timings([rules, stats, model, batched])
+    rules_ok = rules.p50_us <= SCHEMA_P50_TARGET_US
+    model_ok = model.p50_us <= MODEL_P50_TARGET_US
+    print(
+        f"  targets p50 <= {SCHEMA_P50_TARGET_US:g} us (schema + rules): {verdict(rules_ok)}; "
+        f"<= {MODEL_P50_TARGET_US:g} us with the model: {verdict(model_ok)}"
+    )
     return [
+        (
+            f"ingest record ({size} B): schema + rules p50 {rules.p50_us:.0f} us (<= 100 us: "
+            f"{verdict(rules_ok)}); with statistics {stats.p50_us:.0f} us; with the HBOS model "
+            f"p50 {model.p50_us:.0f} us one record per call (<= 500 us: {verdict(model_ok)}), "
+            f"{batched.p50_us:.0f} us per record in a batch of 100"
+        ),
         (
             f"policy decide (full input): p50 {full.p50_us:.0f} us, p99 {full.p99_us:.0f} us "
             f"(targets 50/300 us: {verdict(decide_ok)}); "

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
-from gateway.audit import AuditWriter, protocol_error_event, system_event
+from gateway.audit import HOURLY_QUERY, AuditWriter, protocol_error_event, system_event
 from gateway.config import ConfigError
 from gateway.identity.accounts import AccountStore, SharedAccounts
 from gateway.identity.bruteforce import LoginGuard
@@ -55,6 +55,10 @@ from gateway.stages.normalize import NormalizeStage
 from gateway.stages.route import RouteStage
 from gateway.stages.validate import ValidateStage
 from gateway.tls import client_context
+from gateway.validation.baseline import Baselines
+from gateway.validation.outliers import ModelSlots
+from gateway.validation.streams import StreamCatalog, load_streams
+from gateway.validation.upstream_api import UpstreamReader
 
 if TYPE_CHECKING:
     import ssl
@@ -78,6 +82,9 @@ class GatewayState:
     metrics: GatewayMetrics
     upstream_secret: str
     keyring: KeyRing | None
+    streams: StreamCatalog = field(default_factory=lambda: StreamCatalog(streams={}))
+    baselines: Baselines | None = None
+    models: ModelSlots | None = None
     audit: AuditWriter | None = None
     decision_log: DecisionLog | None = None
     config_file: Path | None = None  # handed to the reload's `gateway policy test` child
@@ -114,6 +121,7 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
         config_file=config_file,
         config=config,
         routes=load_routes(config.routes.file, config.routes.schema_dir),
+        streams=load_streams(config.validation.streams_file, config.routes.schema_dir),
         engine=engine,
         metrics=metrics,
         upstream_secret=keys.read_secret(config.upstream.secret_file),
@@ -275,7 +283,14 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
             explain=config.server.environment == "development",
             decision_log=state.decision_log,
         ),
-        ValidateStage(state.routes, max_body_bytes=config.limits.max_body_bytes),
+        ValidateStage(
+            state.routes,
+            max_body_bytes=config.limits.max_body_bytes,
+            max_depth=config.limits.max_json_depth,
+            streams=state.streams,
+            baselines=state.baselines,
+            models=state.models,
+        ),
         ForwardStage(
             session=upstream,
             base_url=config.upstream.url,
@@ -445,6 +460,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         await jwks_session.close()
         raise
     await asyncio.gather(*(f.refresh(force=True) for f in state.fetchers))
+    _start_validation(state, upstream)
     stages = build_stages(state, upstream)
     state.api = Pipeline(stages, observers=_observers(state))
     if state.keyring is not None:
@@ -469,6 +485,27 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if state.identity is not None:
         await state.identity.guard.close()
         await state.identity.tokens.state.close()
+
+
+def _start_validation(state: GatewayState, upstream: aiohttp.ClientSession) -> None:
+    """The stream baselines (refreshed in the background) and the lazily loaded models."""
+    config = state.config
+    reader = UpstreamReader(upstream, config.upstream.url, state.upstream_secret)
+
+    def report(kind: str, detail: dict[str, Any]) -> None:
+        if state.audit is not None:
+            state.audit.emit(system_event(kind, **detail))
+
+    specs = state.streams.with_statistics()
+    state.baselines = Baselines(specs, reader.stats)
+    if specs:
+        state.background.append(asyncio.create_task(state.baselines.run(), name="baselines"))
+    state.models = ModelSlots(
+        config.validation.model_dir,
+        config.validation.model_key_file,
+        check_seconds=config.validation.model_check_seconds,
+        report=report,
+    )
 
 
 def _reloader(state: GatewayState) -> PolicyReloader:
@@ -540,7 +577,7 @@ async def upstream_reachable(app: web.Application) -> bool:
     return ok
 
 
-def build_admin_app(api: web.Application) -> web.Application:
+def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - one closure per path
     """Loopback-only: /metrics, /healthz (alive), /readyz (able to serve)."""
     admin = web.Application()
     admin.on_response_prepare.append(_server_header)
@@ -574,13 +611,34 @@ def build_admin_app(api: web.Application) -> web.Application:
             "checks": checks,
             "policy_revision": state.engine.revision,
         }
+        if state.baselines is not None and state.streams.with_statistics():
+            body["baselines"] = state.baselines.status()
+        if state.models is not None and state.streams.with_models():
+            body["models"] = state.models.status()
         if state.reloader is not None:
             # A rejected edit does not make the gateway unready (the last good revision
             # serves), but it is shown here until a reload succeeds.
             body["policy_reload"] = state.reloader.status.as_dict()
         return web.json_response(body, status=200 if ready else 503)
 
+    async def validation_hourly(request: web.Request) -> web.Response:
+        hours = request.query.get("hours", "24")
+        if not hours.isdigit() or not 1 <= int(hours) <= 24 * 90:
+            return web.json_response(
+                {"error": "hours must be an integer from 1 to 2160"}, status=400
+            )
+        if state.audit is None:
+            return web.json_response({"error": "the audit store is not open"}, status=503)
+        rows = await state.audit.query(HOURLY_QUERY, [int(hours)])
+        names = ("hour", "stream", "batches", "received", "accepted", "quarantined", "rejected",
+                 "refused_batches")  # fmt: skip
+        items = [dict(zip(names, row, strict=True)) for row in rows]
+        for item in items:
+            item["hour"] = item["hour"].strftime("%Y-%m-%dT%H:00:00Z")
+        return web.json_response({"hours": int(hours), "items": items})
+
     admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/validation/hourly", validation_hourly)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)
     policy = state.config.policy

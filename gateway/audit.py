@@ -52,6 +52,32 @@ _INSERT = (
 )
 
 
+# The seed's "rejected records per hour": ingest outcomes per stream and hour, from the
+# validate stage's summary in each request's detail (docs/validation.md).
+_HOURLY_VIEW = """
+CREATE OR REPLACE VIEW validation_hourly AS
+SELECT date_trunc('hour', time AT TIME ZONE 'UTC') AS hour,
+       detail->>'$.validation.stream' AS stream,
+       count(*) AS batches,
+       sum(CAST(detail->>'$.validation.received' AS BIGINT)) AS received,
+       sum(CASE WHEN decision = 'allow'
+           THEN CAST(detail->>'$.validation.accepted' AS BIGINT) ELSE 0 END) AS accepted,
+       sum(CASE WHEN decision = 'allow'
+           THEN CAST(detail->>'$.validation.quarantined' AS BIGINT) ELSE 0 END) AS quarantined,
+       sum(CAST(detail->>'$.validation.rejected' AS BIGINT)) AS rejected,
+       count(*) FILTER (WHERE decision = 'deny') AS refused_batches
+FROM audit_events
+WHERE json_exists(detail, '$.validation')
+GROUP BY ALL
+"""
+HOURLY_QUERY = """
+SELECT hour, stream, batches, received, accepted, quarantined, rejected, refused_batches
+FROM validation_hourly
+WHERE hour >= date_trunc('hour', now() AT TIME ZONE 'UTC') - to_hours(CAST(? AS INTEGER))
+ORDER BY hour DESC, stream
+"""
+
+
 def request_event(ctx: RequestContext) -> dict[str, Any]:
     """The audit event of one request, shaped for a SIEM (flat, stable field names)."""
     principal = ctx.principal
@@ -237,6 +263,13 @@ class AuditWriter:
             raise
         self.written += len(batch)
 
+    async def query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query, after flushing what is pending (its own cursor, a thread)."""
+        if self._db is None:
+            raise RuntimeError("the audit store is not open")
+        await self.flush()
+        return await asyncio.to_thread(_query, self._db, sql, params)
+
     async def close(self) -> None:
         """Stop the flusher and drain everything (SIGTERM path)."""
         if self._task is not None:
@@ -267,7 +300,18 @@ def _open_db(path: Path) -> duckdb.DuckDBPyConnection:
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = duckdb.connect(str(path))
     connection.execute(_SCHEMA)
+    connection.execute(_HOURLY_VIEW)
     return connection
+
+
+def _query(
+    connection: duckdb.DuckDBPyConnection, sql: str, params: list[Any]
+) -> list[tuple[Any, ...]]:
+    cursor = connection.cursor()  # a cursor per thread: the flusher uses the connection
+    try:
+        return cursor.execute(sql, params).fetchall()
+    finally:
+        cursor.close()
 
 
 def _load_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path) -> int:

@@ -25,6 +25,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
 from gateway.oidc import DiscoveryError
 from gateway.policy import PolicyError
+from gateway.validation import anomaly
 
 log = structlog.get_logger("gateway.cli")
 
@@ -125,8 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     show = check.add_parser("check", help="validate the config, routes and policy; print a summary")
     show.set_defaults(func=cmd_config_check)
     from gateway.identity.cli import register  # noqa: PLC0415 - kept beside the parser it extends
+    from gateway.validation.cli import register as register_anomaly  # noqa: PLC0415
 
     register(sub)
+    register_anomaly(sub)
     return parser
 
 
@@ -170,6 +173,10 @@ def cmd_keys_init(config: GatewayConfig, args: argparse.Namespace) -> int:
             path.unlink()
         if ensure_key_file(path):
             print(f"wrote {path}")  # noqa: T201
+    model_key = config.validation.model_key_file
+    if not model_key.exists():  # never replaced by --force: it would orphan every saved model
+        anomaly.ensure_key(model_key)
+        print(f"wrote {model_key}")  # noqa: T201
     return 0
 
 

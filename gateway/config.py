@@ -63,6 +63,7 @@ class LimitsConfig:
     """Request size limit; a route's own max_body_bytes, when set, replaces it for that route."""
 
     max_body_bytes: int = 1_048_576
+    max_json_depth: int = 32  # arrays and objects nested deeper are refused before any check
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,16 @@ class RoutesConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """Ingest streams (docs/validation.md): per-stream checks and the outlier models."""
+
+    streams_file: Path = Path("config/streams.toml")
+    model_dir: Path = Path("var/models")
+    model_key_file: Path = Path("var/secrets/model.key")  # HMAC key that signs model files
+    model_check_seconds: float = 5.0  # how often a stream in use looks for a newer model
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Operational logs (the audit trail is separate)."""
 
@@ -260,6 +271,7 @@ class GatewayConfig:
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -364,6 +376,10 @@ def _check(config: GatewayConfig) -> None:
     _check_authn(config)
     if config.limits.max_body_bytes <= 0:
         raise ConfigError("limits.max_body_bytes must be positive")
+    if not 2 <= config.limits.max_json_depth <= 256:  # noqa: PLR2004 - sane nesting bounds
+        raise ConfigError("limits.max_json_depth must be from 2 to 256")
+    if config.validation.model_check_seconds <= 0:
+        raise ConfigError("validation.model_check_seconds must be positive")
     dev = config.issuer
     if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
         raise ConfigError("issuer.default_ttl_seconds must be within 1..max_ttl_seconds")

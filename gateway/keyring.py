@@ -6,11 +6,8 @@ keys that no longer sign carry retired_at. Only public parts ever leave this mod
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -19,10 +16,10 @@ import structlog
 from jwcrypto import jwk
 
 from gateway.jwks import parse_jwks
-from gateway.keys import SIGNING_KEYS_FILE, write_private
+from gateway.keys import SIGNING_KEYS_FILE, exclusive_lock, write_private
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     import jwt
@@ -56,7 +53,7 @@ def keyring_path(key_dir: Path) -> Path:
 
 def ensure_keyring(key_dir: Path, algorithm: Algorithm) -> bool:
     """Create the key file with one active key unless it exists; True if created."""
-    with _rotation_lock(key_dir):
+    with exclusive_lock(key_dir / LOCK_FILE):
         if keyring_path(key_dir).exists():
             return False
         _write(key_dir, [generate_key(algorithm)])
@@ -200,7 +197,7 @@ def rotate(
     retire_after_seconds must cover the longest token life: issuer.max_ttl_seconds plus
     authn.leeway_seconds.
     """
-    with _rotation_lock(key_dir):
+    with exclusive_lock(key_dir / LOCK_FILE):
         # Load inside the lock: two rotations that both read the old file would each write
         # a file without the other's new key.
         plan = plan_rotation(
@@ -212,17 +209,6 @@ def rotate(
         if not dry_run:
             _write(key_dir, list(plan.keys))
     return plan
-
-
-@contextlib.contextmanager
-def _rotation_lock(key_dir: Path) -> Iterator[None]:
-    key_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _write(key_dir: Path, keys: list[dict[str, Any]]) -> None:

@@ -78,6 +78,19 @@ class GatewayMetrics:
             "gateway_policy_reloads", "Policy reloads by outcome (accepted, rejected)",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.ingest_records = Counter(
+            "gateway_ingest_records",
+            "Ingest records by stream and outcome (accepted, quarantined, rejected, not_stored)",
+            ["stream", "outcome"], registry=r,
+        )  # fmt: skip
+        self.records_rejected = Counter(
+            "gateway_records_rejected", "Rejected ingest records by stream and rule",
+            ["stream", "rule"], registry=r,
+        )  # fmt: skip
+        self.records_quarantined = Counter(
+            "gateway_records_quarantined", "Quarantined ingest records by stream and rule",
+            ["stream", "rule"], registry=r,
+        )  # fmt: skip
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )
@@ -92,6 +105,9 @@ class GatewayMetrics:
             self._child(self.auth_events, ctx.event, outcome).inc()
             if ctx.detail.get("lockout"):
                 self.lockouts.inc()
+        summary = ctx.detail.get("validation")
+        if summary is not None:
+            self.observe_records(summary, stored=not ctx.reason_id)
         self._child(self.latency, route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)
@@ -100,6 +116,25 @@ class GatewayMetrics:
             self._child(self.requests, route, str(ctx.status), "allow").inc()
             return
         self.observe_refusal(route, ctx.status, ctx.reason_id)
+
+    def observe_records(self, summary: dict[str, Any], *, stored: bool) -> None:
+        """Count a batch's records by outcome and rule (validate stage's summary)."""
+        # Listed streams come from config; a client-chosen name must not make a new series.
+        stream = summary["stream"] if summary["listed"] else "_unlisted"
+        counts = {"rejected": summary["rejected"]}
+        if stored:
+            counts |= {"accepted": summary["accepted"], "quarantined": summary["quarantined"]}
+        else:
+            counts["not_stored"] = summary["received"] - summary["rejected"]
+        for outcome, count in counts.items():
+            if count:
+                self._child(self.ingest_records, stream, outcome).inc(count)
+        rules = summary["rules"]
+        for rule, count in rules.get("rejected", {}).items():
+            self._child(self.records_rejected, stream, rule).inc(count)
+        if stored:
+            for rule, count in rules.get("quarantined", {}).items():
+                self._child(self.records_quarantined, stream, rule).inc(count)
 
     def _child(self, family: Any, *labels: str) -> Any:
         # labels() takes a lock and builds a key on every call; the label sets are closed

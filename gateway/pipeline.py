@@ -37,6 +37,8 @@ class Denial(Exception):  # noqa: N818 - a denial is an expected outcome, not an
         self.status = status_of(reason_id)
         self.message = message
         self.detail = detail
+        # A per-record receipt for the client only (the audit event keeps its own summary).
+        self.receipt: dict[str, Any] | None = None
 
 
 def new_request_id() -> str:
@@ -86,6 +88,7 @@ class RequestContext:
     decision: Decision | None = None
     body: bytes | None = None
     payload: Any = None
+    upstream_content_type: str | None = None  # set when validation rewrote the body
     response: web.StreamResponse | None = None
     status: int = 0
     reason_id: str = ""
@@ -156,8 +159,11 @@ def refusal_response(
 
 def denial_response(ctx: RequestContext, denial: Denial) -> web.Response:
     """A Denial as the client sees it, with the headers its reason calls for."""
+    detail = (
+        denial.detail if denial.receipt is None else {**denial.detail, "receipt": denial.receipt}
+    )
     response = refusal_response(
-        denial.status, denial.reason_id, denial.message, ctx.request_id, denial.detail
+        denial.status, denial.reason_id, denial.message, ctx.request_id, detail
     )
     headers = response.headers
     if denial.reason_id == "authn.missing_token":

@@ -58,6 +58,8 @@ def upstream_request_headers(ctx: RequestContext, secret: str) -> CIMultiDict[st
         if lowered.startswith(IDENTITY_PREFIX):
             continue
         headers.add(name, value)
+    if ctx.upstream_content_type is not None:
+        headers["Content-Type"] = ctx.upstream_content_type  # the body was rewritten
     principal = ctx.principal
     headers["X-Gateway-Secret"] = secret
     headers["X-Request-Id"] = ctx.request_id

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 MAX_PATTERN_CHARS = 200
-_MISSING: Any = object()
+MISSING: Any = object()
 
 
 def _is_number(value: Any) -> bool:
@@ -65,25 +65,32 @@ class Violation(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class _Field:
-    """A dotted path, split once, with its JSON pointer."""
+class FieldPath:
+    """A dotted path into nested objects ("location.lat"), split once, with its JSON pointer."""
 
     parts: tuple[str, ...]
     pointer: str
 
     @classmethod
-    def parse(cls, dotted: Any, where: str) -> _Field:
+    def parse(cls, dotted: Any, where: str) -> FieldPath:
+        """The path of a config value; anything but "a.b.c" is a ConfigError naming `where`."""
         if not isinstance(dotted, str) or not all(dotted.split(".")):
             raise ConfigError(f"{where}: field {dotted!r} must be a dotted path like 'a.b'")
         parts = tuple(dotted.split("."))
         escaped = (p.replace("~", "~0").replace("/", "~1") for p in parts)
         return cls(parts, "/" + "/".join(escaped))
 
+    @property
+    def dotted(self) -> str:
+        """The path as written in config: "location.lat"."""
+        return ".".join(self.parts)
+
     def get(self, record: Any) -> Any:
+        """The value at this path, or MISSING when the record does not hold it."""
         value = record
         for part in self.parts:
             if not isinstance(value, dict) or part not in value:
-                return _MISSING
+                return MISSING
             value = value[part]
         return value
 
@@ -92,22 +99,22 @@ class _Field:
 class _Rule:
     name: str
     kind: str
-    field: _Field
+    field: FieldPath
     test: Callable[[Any], str | None]  # the value -> None if it passes, else the message
 
 
 @dataclass(frozen=True, slots=True)
 class _Required:
     name: str
-    fields: tuple[_Field, ...]
+    fields: tuple[FieldPath, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class _Compare:
     name: str
-    left: _Field
+    left: FieldPath
     op: str
-    right: _Field
+    right: FieldPath
 
 
 class RuleSet:
@@ -127,7 +134,7 @@ class RuleSet:
         for rule in self._rules:
             if isinstance(rule, _Required):
                 for wanted in rule.fields:
-                    if wanted.get(record) is _MISSING:
+                    if wanted.get(record) is MISSING:
                         yield Violation(wanted.pointer, rule.name, "required field is missing")
             elif isinstance(rule, _Compare):
                 message = _compare(rule, record)
@@ -135,7 +142,7 @@ class RuleSet:
                     yield Violation(rule.left.pointer, rule.name, message)
             else:
                 value = rule.field.get(record)
-                if value is _MISSING:
+                if value is MISSING:
                     continue
                 message = rule.test(value)
                 if message is not None:
@@ -179,14 +186,14 @@ def _compile_one(table: dict[str, Any], where: str) -> _Rule | _Required | _Comp
         fields = table["fields"]
         if not isinstance(fields, list) or not fields:
             raise ConfigError(f"{where}: 'fields' must be a non-empty list of field paths")
-        return _Required(name, tuple(_Field.parse(f, where) for f in fields))
+        return _Required(name, tuple(FieldPath.parse(f, where) for f in fields))
     if kind == "compare":
         if table["op"] not in _OPS:
             raise ConfigError(f"{where}: op {table['op']!r} must be one of {list(_OPS)}")
-        left = _Field.parse(table["left"], where)
-        right = _Field.parse(table["right"], where)
+        left = FieldPath.parse(table["left"], where)
+        right = FieldPath.parse(table["right"], where)
         return _Compare(name, left, table["op"], right)
-    field = _Field.parse(table["field"], where)
+    field = FieldPath.parse(table["field"], where)
     builders = {"type": _type_test, "range": _range_test, "enum": _enum_test}
     test = builders.get(kind, _pattern_test)(table, where)
     return _Rule(name, kind, field, test)
@@ -272,7 +279,7 @@ def _as_instant(value: Any) -> datetime | None:
 
 def _compare(rule: _Compare, record: Any) -> str | None:
     left, right = rule.left.get(record), rule.right.get(record)
-    if left is _MISSING or right is _MISSING:
+    if left is MISSING or right is MISSING:
         return None
     text = f"must be {rule.op} {'.'.join(rule.right.parts)}"
     if _is_number(left) and _is_number(right):

@@ -87,6 +87,7 @@ def start_identity_gateway(
     policy: str = "",
     server: str = "",
     decision_log: str = "",
+    streams_file: Path | None = None,
     clients: dict[str, list[str]] | None = None,
 ) -> IdentityGateway:
     """Set up, create alice/root/bob and the clients with the CLI, then start the gateway."""
@@ -97,6 +98,7 @@ def start_identity_gateway(
         upstream_url=f"http://127.0.0.1:{upstream_port}",
         jwks_url="http://127.0.0.1:9/jwks.json", identity=identity, extra=extra,
         policy_dir=policy_dir, policy=policy, server=server, decision_log=decision_log,
+        streams_file=streams_file,
     )  # fmt: skip
     gateway = IdentityGateway(root, https, admin, config)
     subprocess.run(

@@ -151,6 +151,7 @@ def write_gateway_config(
     policy: str = "",
     server: str = "",
     decision_log: str = "",
+    streams_file: Path | None = None,
 ) -> Path:
     """A gateway.toml whose every path points into root (policies and routes from the repo)."""
     text = f"""
@@ -195,6 +196,11 @@ path = "{root}/decisions.jsonl"
 [routes]
 file = "{REPO}/config/routes.toml"
 schema_dir = "{REPO}/config/schemas"
+[validation]
+streams_file = "{streams_file or REPO / "config/streams.toml"}"
+model_dir = "{root}/models"
+model_key_file = "{root}/secrets/model.key"
+model_check_seconds = 0.5
 [logging]
 level = "info"
 {extra}

@@ -192,10 +192,15 @@ async def test_ndjson_violation_pointer_carries_the_record_index():
 
 
 async def test_schema_error_still_comes_before_rules():
-    """A body failing the JSON Schema keeps its validation.schema refusal; rules do not run."""
+    """Per record, a schema failure stops its checks; a record passing the schema meets the rules."""
     stage, route = _stage_and_route(records=True)
-    denial = await _run(stage, route, b'[{"id": "x"}, 7]', "application/json")
-    assert (denial.reason_id, denial.detail["pointer"]) == ("validation.schema", "/1")
+    denial = await _run(stage, route, b'[{"id": "x"}, 7, {"id": 1}]', "application/json")
+    assert denial.receipt is not None
+    found = [(r["index"], [f["rule"] for f in r["failures"]]) for r in denial.receipt["records"]]
+    assert found == [(0, ["has_id", "id_is_int"]), (1, ["record.type"]), (2, ["has_id"])]
+    assert (
+        denial.receipt["records"][1]["failures"][0]["message"] == "a record must be a JSON object"
+    )
 
 
 async def test_good_body_passes_rules():

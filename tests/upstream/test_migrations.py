@@ -20,6 +20,11 @@ from upstream.migrations import (
 )
 
 
+def _next_label(slug: str) -> str:
+    """The label ``db new`` gives the migration after the shipped ones."""
+    return f"{discover_migrations()[-1].version + 1:04d}_{slug}"
+
+
 @pytest.fixture
 def migrations_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped migrations, safe to edit."""
@@ -49,15 +54,39 @@ def test_initial_migration_creates_every_table(db_path: Path) -> None:
     assert {"departments_id_seq", "employees_id_seq", "tickets_id_seq"} <= sequences
 
 
+def test_ingest_quality_migration_adds_scores_and_the_quarantine(db_path: Path) -> None:
+    """0002 adds score/model to ingest_records and the ingest_quarantine table with defaults."""
+    with duckdb.connect(str(db_path)) as connection:
+        columns = {
+            row[0]: row[1]
+            for row in connection.execute(
+                "SELECT column_name, data_type FROM duckdb_columns()"
+                " WHERE table_name = 'ingest_records'"
+            ).fetchall()
+        }
+        connection.execute(
+            "INSERT INTO ingest_quarantine (stream, batch_id, record_index, record, flags)"
+            " VALUES ('s', uuid(), 0, '{}', '[]')"
+        )
+        row = connection.execute(
+            "SELECT id, status, received_at IS NOT NULL, reviewed_at FROM ingest_quarantine"
+        ).fetchone()
+    assert (columns["score"], columns["model"]) == ("DOUBLE", "VARCHAR")
+    assert row == (1, "pending", True, None)
+
+
 def test_applied_versions_are_recorded_with_name_and_checksum(db_path: Path) -> None:
     """Each applied file leaves a schema_migrations row matching the file on disk."""
-    (initial,) = discover_migrations()
+    shipped = discover_migrations()
     with duckdb.connect(str(db_path), read_only=True) as connection:
         rows = connection.execute(
-            "SELECT version, name, checksum, applied_at FROM schema_migrations"
+            "SELECT version, name, checksum, applied_at FROM schema_migrations ORDER BY version"
         ).fetchall()
-    assert [(row[0], row[1], row[2]) for row in rows] == [(1, "initial", initial.checksum)]
-    assert rows[0][3] is not None
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (migration.version, migration.name, migration.checksum) for migration in shipped
+    ]
+    assert [row[1] for row in rows][:2] == ["initial", "ingest_quality"]
+    assert all(row[3] is not None for row in rows)
 
 
 def test_second_init_applies_nothing_and_says_so(db_path: Path, capsys) -> None:
@@ -69,10 +98,11 @@ def test_second_init_applies_nothing_and_says_so(db_path: Path, capsys) -> None:
 
 def test_pending_migrations_apply_in_version_order(connection, migrations_dir: Path) -> None:
     """Later files apply after earlier ones, each recorded under its own version."""
-    (migrations_dir / "0003_third.sql").write_text("CREATE TABLE third (id INTEGER);")
-    (migrations_dir / "0002_second.sql").write_text("CREATE TABLE second (id INTEGER);")
+    (migrations_dir / "9999_third.sql").write_text("CREATE TABLE third (id INTEGER);")
+    (migrations_dir / "9998_second.sql").write_text("CREATE TABLE second (id INTEGER);")
     applied = apply_pending(connection, discover_migrations(migrations_dir))
-    assert [m.label for m in applied] == ["0001_initial", "0002_second", "0003_third"]
+    shipped = [m.label for m in discover_migrations()]
+    assert [m.label for m in applied] == [*shipped, "9998_second", "9999_third"]
     assert apply_pending(connection, discover_migrations(migrations_dir)) == []
 
 
@@ -87,11 +117,11 @@ def test_changed_applied_file_is_refused(connection, migrations_dir: Path) -> No
 
 def test_missing_applied_file_is_refused(connection, migrations_dir: Path) -> None:
     """Deleting an applied migration's file makes further migration refuse."""
-    (migrations_dir / "0002_extra.sql").write_text("CREATE TABLE extra (id INTEGER);")
+    (migrations_dir / "9999_extra.sql").write_text("CREATE TABLE extra (id INTEGER);")
     apply_pending(connection, discover_migrations(migrations_dir))
-    (migrations_dir / "0002_extra.sql").unlink()
+    (migrations_dir / "9999_extra.sql").unlink()
     with pytest.raises(
-        MigrationError, match=r"0002_extra\.sql was applied but its file is missing"
+        MigrationError, match=r"9999_extra\.sql was applied but its file is missing"
     ):
         apply_pending(connection, discover_migrations(migrations_dir))
 
@@ -110,13 +140,13 @@ def test_cli_init_exits_non_zero_on_changed_file(
 
 def test_failing_migration_is_rolled_back(connection, migrations_dir: Path) -> None:
     """A migration that fails leaves neither its tables nor a ledger row behind."""
-    (migrations_dir / "0002_broken.sql").write_text(
+    (migrations_dir / "9999_broken.sql").write_text(
         "CREATE TABLE half (id INTEGER);\nINSERT INTO no_such_table VALUES (1);"
     )
-    with pytest.raises(MigrationError, match=r"0002_broken\.sql failed"):
+    with pytest.raises(MigrationError, match=r"9999_broken\.sql failed"):
         apply_pending(connection, discover_migrations(migrations_dir))
     plan = plan_migrations(connection, discover_migrations(migrations_dir))
-    assert [m.label for m in plan.pending] == ["0002_broken"]
+    assert [m.label for m in plan.pending] == ["9999_broken"]
     tables = {
         row[0] for row in connection.execute("SELECT table_name FROM duckdb_tables()").fetchall()
     }
@@ -175,7 +205,7 @@ def test_new_empty_migration_applies(connection, migrations_dir: Path) -> None:
     """A freshly created, comment-only migration applies cleanly."""
     create_migration(migrations_dir, "nothing yet")
     applied = apply_pending(connection, discover_migrations(migrations_dir))
-    assert applied[-1].label == "0002_nothing_yet"
+    assert applied[-1].label == _next_label("nothing_yet")
 
 
 def test_db_status_lists_applied_and_pending(
@@ -185,9 +215,11 @@ def test_db_status_lists_applied_and_pending(
     monkeypatch.setattr(migrations_module, "MIGRATIONS_DIR", migrations_dir)
     db = str(tmp_path / "status.duckdb")
     assert main(["db", "init", "--db", db]) == 0
+    expected = f"pending  {_next_label('next_step')}"
     create_migration(migrations_dir, "next step")
     capsys.readouterr()
     assert main(["db", "status", "--db", db]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("applied  0001_initial") for line in lines)
-    assert "pending  0002_next_step" in lines
+    assert any(line.startswith("applied  0002_ingest_quality") for line in lines)
+    assert expected in lines
