@@ -194,6 +194,7 @@ async def test_envelope_stores_accepted_and_quarantined_and_answers_in_index_ord
     ]
     recent = await api.json("GET", "/api/ingest/sensors", 200)
     assert [item["record"] for item in recent["items"]] == [{"temperature": 21.5}]
+    assert (recent["items"][0]["score"], recent["items"][0]["model"]) == (0.12, MODEL)
 
 
 async def test_envelope_without_scores_omits_them_from_the_receipt(api) -> None:

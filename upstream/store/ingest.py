@@ -23,7 +23,7 @@ FROM (
 )
 """
 _RECENT = """
-SELECT batch_id, record_index, received_at, record
+SELECT batch_id, record_index, received_at, record, score, model
 FROM ingest_records
 WHERE stream = ?
 ORDER BY batch_seq DESC, record_index DESC
@@ -106,14 +106,17 @@ def append_envelope(
 
 
 def recent_records(cursor: Cursor, stream: str, limit: int) -> list[dict[str, object]]:
-    """The newest ``limit`` records of a stream, newest first."""
+    """The newest ``limit`` records of a stream, newest first (with the outlier score if any)."""
     rows = cursor.execute(_RECENT, [stream, limit]).fetchall()
-    return [
-        {
+    items: list[dict[str, object]] = []
+    for batch_id, record_index, received_at, record, score, model in rows:
+        item: dict[str, object] = {
             "batch_id": str(batch_id),
             "index": record_index,
             "received_at": json_value(received_at),
             "record": json.loads(record),
         }
-        for batch_id, record_index, received_at, record in rows
-    ]
+        if score is not None:
+            item["score"], item["model"] = score, model
+        items.append(item)
+    return items
