@@ -31,9 +31,25 @@ _STATUS_REASONS = {
 }
 
 
-def error_response(status: int, reason_id: ReasonId, message: str) -> web.Response:
-    """The one error body shape of the service."""
-    return web.json_response({"error": message, "reason_id": reason_id}, status=status)
+def error_response(
+    status: int, reason_id: ReasonId, message: str, request_id: str | None = None
+) -> web.Response:
+    """The one error body shape of the service.
+
+    With the gateway's request id when it sent one: a refusal passed through the gateway then
+    has the same shape as the gateway's own (error, reason_id, request_id).
+    """
+    body = {"error": message, "reason_id": reason_id}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return web.json_response(body, status=status)
+
+
+def _request_id(request: web.Request) -> str | None:
+    request_id = request.headers.get(REQUEST_ID_HEADER)
+    if request_id is not None and _REQUEST_ID_SHAPE.match(request_id):
+        return request_id
+    return None
 
 
 def request_id_echo() -> Middleware:
@@ -42,8 +58,8 @@ def request_id_echo() -> Middleware:
     @web.middleware
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
-        request_id = request.headers.get(REQUEST_ID_HEADER)
-        if request_id is not None and _REQUEST_ID_SHAPE.match(request_id):
+        request_id = _request_id(request)
+        if request_id is not None:
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
@@ -58,15 +74,19 @@ def json_errors() -> Middleware:
         try:
             return await handler(request)
         except ApiError as error:
-            return error_response(error.status, error.reason_id, error.message)
+            return error_response(
+                error.status, error.reason_id, error.message, _request_id(request)
+            )
         except web.HTTPException as error:
             if error.status < 400:  # noqa: PLR2004  # redirects and 2xx are not errors
                 raise
             reason_id = _STATUS_REASONS.get(error.status, ReasonId.BAD_REQUEST)
-            return error_response(error.status, reason_id, error.reason)
+            return error_response(error.status, reason_id, error.reason, _request_id(request))
         except duckdb.Error:
             logger.exception("database error on %s %s", request.method, request.path)
-            return error_response(500, ReasonId.INTERNAL_ERROR, "internal database error")
+            return error_response(
+                500, ReasonId.INTERNAL_ERROR, "internal database error", _request_id(request)
+            )
 
     return impl
 

@@ -61,10 +61,25 @@ async def test_malformed_request_id_is_not_echoed(api) -> None:
     assert "X-Request-Id" not in response.headers
 
 
-async def test_unknown_route_with_secret_is_json_404(api) -> None:
+async def test_unknown_route_with_secret_is_json_404(api, request_id: str) -> None:
     """Routing errors use the same JSON error shape."""
     body = await api.json("GET", "/api/nothing-here", 404)
-    assert body == {"error": "Not Found", "reason_id": "upstream.not_found"}
+    assert body == {
+        "error": "Not Found", "reason_id": "upstream.not_found", "request_id": request_id,
+    }  # fmt: skip
+
+
+async def test_errors_carry_the_gateways_request_id(api) -> None:
+    """With the gateway's X-Request-Id, an error body has the gateway's shape: request_id too."""
+    request_id = "0123456789abcdef0123456789abcdef"
+    body = await api.json(
+        "GET", "/api/nothing-here", 404, headers={"X-Request-Id": request_id}
+    )
+    assert body == {
+        "error": "Not Found", "reason_id": "upstream.not_found", "request_id": request_id,
+    }  # fmt: skip
+    malformed = await api.json("GET", "/api/nothing-here", 404, headers={"X-Request-Id": "x" * 300})
+    assert "request_id" not in malformed
 
 
 async def test_wrong_method_is_json_405(api) -> None:
