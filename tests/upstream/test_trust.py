@@ -72,9 +72,7 @@ async def test_unknown_route_with_secret_is_json_404(api, request_id: str) -> No
 async def test_errors_carry_the_gateways_request_id(api) -> None:
     """With the gateway's X-Request-Id, an error body has the gateway's shape: request_id too."""
     request_id = "0123456789abcdef0123456789abcdef"
-    body = await api.json(
-        "GET", "/api/nothing-here", 404, headers={"X-Request-Id": request_id}
-    )
+    body = await api.json("GET", "/api/nothing-here", 404, headers={"X-Request-Id": request_id})
     assert body == {
         "error": "Not Found", "reason_id": "upstream.not_found", "request_id": request_id,
     }  # fmt: skip
