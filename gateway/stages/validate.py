@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import structlog
-from jsonschema import Draft202012Validator
 
 from gateway.pipeline import Denial, RequestContext
 from gateway.validation import anomaly
@@ -30,6 +29,7 @@ from gateway.validation.records import (
     json_pointer,
     offending_key,
 )
+from gateway.validation.schemas import SchemaCheck
 from gateway.validation.streams import StreamCatalog
 
 if TYPE_CHECKING:
@@ -121,9 +121,8 @@ def json_depth(document: Any) -> int:
     return depth
 
 
-def _validator(schema: dict[str, Any]) -> Draft202012Validator:
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+def _validator(schema: dict[str, Any]) -> SchemaCheck:
+    return SchemaCheck(schema)
 
 
 class ValidateStage:
@@ -146,8 +145,8 @@ class ValidateStage:
         self._streams = streams or StreamCatalog(streams={}, mode="all_or_nothing")
         self._baselines = baselines
         self._models = models
-        self._schemas: dict[str, Draft202012Validator] = {}
-        self._records: dict[str, Draft202012Validator] = {}
+        self._schemas: dict[str, SchemaCheck] = {}
+        self._records: dict[str, SchemaCheck] = {}
         self._checkers: dict[tuple[str, str], RecordChecker] = {}
         self._routes = {route.name: route for route in table.routes}
         for route in table.routes:
@@ -409,10 +408,12 @@ def _batch_denial(spec: StreamSpec, outcomes: list[Outcome]) -> Denial:
     return denial
 
 
-def _raise_first_error(validator: Draft202012Validator, instance: Any, *, prefix: str) -> None:
-    error = jsonschema.exceptions.best_match(validator.iter_errors(instance))
-    if error is None:
+def _raise_first_error(check: SchemaCheck, instance: Any, *, prefix: str) -> None:
+    errors = check.errors(instance)
+    if not errors:
         return
+    error = jsonschema.exceptions.best_match(iter(errors))
+    assert error is not None  # noqa: S101 - best_match of a non-empty list
     pointer = prefix + json_pointer([*error.absolute_path, *offending_key(error)])
     raise Denial(
         "validation.schema",

@@ -22,11 +22,10 @@ from gateway.validation.rules import MISSING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from jsonschema import Draft202012Validator
-
     from gateway.validation.anomaly import TrainedModel
     from gateway.validation.baseline import Baseline
     from gateway.validation.rules import FieldPath, RuleSet
+    from gateway.validation.schemas import SchemaCheck
     from gateway.validation.streams import Action, StreamSpec
 
 MASK = "***"
@@ -82,7 +81,7 @@ class RecordChecker:
     def __init__(
         self,
         spec: StreamSpec,
-        schema: Draft202012Validator | None,
+        schema: SchemaCheck | None,
         rules: tuple[RuleSet, ...],
     ) -> None:
         self.spec = spec
@@ -112,7 +111,7 @@ class RecordChecker:
 
     def _schema_errors(self, record: Any) -> Iterator[Finding]:
         assert self._schema is not None  # noqa: S101 - checked by the caller
-        errors = list(self._schema.iter_errors(record))
+        errors = self._schema.errors(record)
         if not errors:
             return
         best = jsonschema.exceptions.best_match(iter(errors))  # the message a person should see

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import jsonschema
-from jsonschema import Draft202012Validator
 
 from gateway.config import ConfigError, read_toml
 from gateway.validation.anomaly import ALGORITHMS
 from gateway.validation.rules import FieldPath, RuleSet, compile_rules
+from gateway.validation.schemas import SchemaCheck
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -110,7 +110,7 @@ class StreamSpec:
 
     name: str
     mode: Mode
-    record_schema: Draft202012Validator | None = None
+    record_schema: SchemaCheck | None = None
     rules: RuleSet | None = None
     sensitive: tuple[str, ...] = ()  # JSON pointers; a value at or below one is masked
     statistics: StatisticsConfig | None = None
@@ -294,7 +294,7 @@ def _number(  # noqa: PLR0917 - as _int
     return float(value)
 
 
-def _schema(name: Any, schema_dir: Path, where: str) -> Draft202012Validator | None:
+def _schema(name: Any, schema_dir: Path, where: str) -> SchemaCheck | None:
     if name is None:
         return None
     if not isinstance(name, str) or "/" in name or name.startswith("."):
@@ -302,11 +302,13 @@ def _schema(name: Any, schema_dir: Path, where: str) -> Draft202012Validator | N
     path = schema_dir / name
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
-        Draft202012Validator.check_schema(loaded)
+        check = SchemaCheck(loaded)
     except FileNotFoundError:
         raise ConfigError(f"{where}: record_schema {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{where}: {path} is not valid JSON: {exc}") from None
     except jsonschema.SchemaError as exc:
         raise ConfigError(f"{where}: {path} is not a valid JSON Schema: {exc.message}") from None
-    return Draft202012Validator(loaded, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    except (ValueError, TypeError) as exc:  # jsonschema-rs refusing what passed check_schema
+        raise ConfigError(f"{where}: {path}: {exc}") from None
+    return check

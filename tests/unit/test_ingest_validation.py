@@ -93,6 +93,8 @@ BAD_RECORDS = [
     pytest.param([GOOD], "record.type", "/0", "a record must be a JSON object", id="nested_array"),
     pytest.param({**GOOD, "operator_email": "not-an-email"}, "schema.format", "/0/operator_email",
                  "fails the schema's 'format' check", id="sensitive_field_message_masked"),
+    pytest.param({**GOOD, "operator_email": "a@@b.example"}, "schema.format", "/0/operator_email",
+                 "fails the schema's 'format' check", id="email_only_the_strict_checker_refuses"),
 ]  # fmt: skip
 
 
