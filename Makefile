@@ -36,8 +36,11 @@ run: setup ## run the upstream and the gateway in the foreground until Ctrl-C
 test-policy: venv ## run the Rego tests beside the policy
 	$(PY) -m gateway policy test
 
-test-deps: ## the servers the tests start themselves: Debian's redis-server, npm's oidc-provider
+test-deps: ## the servers the tests start themselves: Debian's redis-server and rsyslog, npm's oidc-provider
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@(command -v rsyslogd || test -x /usr/sbin/rsyslogd) >/dev/null && dpkg -s rsyslog-gnutls >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq rsyslog rsyslog-gnutls)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	tests/fixtures/oidc_provider/install.sh
 
@@ -56,6 +59,7 @@ bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and s
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk not installed: bench/run.py falls back to its Python load generator"
 	$(PY) bench/run.py
+	$(PY) bench/eval_anomaly.py
 
 eval-anomaly: venv ## outlier detection quality (precision/recall per method) and per-record cost
 	$(PY) bench/eval_anomaly.py

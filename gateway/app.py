@@ -18,7 +18,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
+from gateway.activity import ActivityJob, Anomaly
 from gateway.audit import HOURLY_QUERY, AuditWriter, protocol_error_event, system_event
+from gateway.auditchain import load_checkpoint_key
+from gateway.auditchain import verify as verify_chains
+from gateway.auditsearch import serve_audit_search
 from gateway.config import ConfigError
 from gateway.identity.accounts import AccountStore, SharedAccounts
 from gateway.identity.bruteforce import LoginGuard
@@ -33,6 +37,7 @@ from gateway.identity.state import StateStoreError, open_state_store
 from gateway.identity.tokens import TokenService
 from gateway.jwks import JwksFetcher
 from gateway.keyring import KeyRing, KeyRingSource
+from gateway.logs import active_mask, register_secret
 from gateway.metrics import GatewayMetrics
 from gateway.oidc import discover
 from gateway.pipeline import Denial, Pipeline, Principal
@@ -42,6 +47,7 @@ from gateway.policy.embedded import EmbeddedPolicyEngine
 from gateway.policy.reload import PolicyReloader
 from gateway.policy.remote import RemotePolicyEngine
 from gateway.routes import RouteTable, load_routes
+from gateway.siem import SiemShipper
 from gateway.stages.authn import (
     Authenticator,
     AuthnStage,
@@ -51,6 +57,7 @@ from gateway.stages.authn import (
 )
 from gateway.stages.authz import AuthzStage
 from gateway.stages.forward import ForwardStage
+from gateway.stages.local import LocalStage
 from gateway.stages.normalize import NormalizeStage
 from gateway.stages.route import RouteStage
 from gateway.stages.validate import ValidateStage
@@ -64,6 +71,8 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from gateway.config import GatewayConfig
     from gateway.pipeline import Stage
@@ -83,6 +92,7 @@ class GatewayState:
     upstream_secret: str
     keyring: KeyRing | None
     streams: StreamCatalog = field(default_factory=lambda: StreamCatalog(streams={}))
+    checkpoint_key: Ed25519PrivateKey | None = None
     baselines: Baselines | None = None
     models: ModelSlots | None = None
     audit: AuditWriter | None = None
@@ -122,9 +132,10 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
         config=config,
         routes=load_routes(config.routes.file, config.routes.schema_dir),
         streams=load_streams(config.validation.streams_file, config.routes.schema_dir),
+        checkpoint_key=load_checkpoint_key(config.audit.checkpoint_key_file),
         engine=engine,
         metrics=metrics,
-        upstream_secret=keys.read_secret(config.upstream.secret_file),
+        upstream_secret=register_secret(keys.read_secret(config.upstream.secret_file)),
         keyring=keyring,
     )
     unknown = set(config.policy.dry_run_routes) - {r.name for r in state.routes.routes}
@@ -134,7 +145,7 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
         log_config = config.decision_log
         state.decision_log = DecisionLog(
             log_config.path, erase=log_config.erase, mask=log_config.mask,
-            entrypoint=config.policy.entrypoint,
+            entrypoint=config.policy.entrypoint, secrets=active_mask(),
         )  # fmt: skip
     if config.identity.enabled:
         state.identity, state.cookies = build_identity(config, keyring)
@@ -291,6 +302,7 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
             baselines=state.baselines,
             models=state.models,
         ),
+        LocalStage({"audit.search": lambda ctx: serve_audit_search(ctx, state.audit)}),
         ForwardStage(
             session=upstream,
             base_url=config.upstream.url,
@@ -416,17 +428,58 @@ def build_app(state: GatewayState) -> web.Application:
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     audit_config = state.config.audit
+    shipper = await _start_siem(state)
     state.audit = AuditWriter(
         jsonl_path=audit_config.jsonl_path,
         db_path=audit_config.db_path,
         flush_interval_seconds=audit_config.flush_interval_seconds,
         batch_size=audit_config.batch_size,
+        checkpoint_key=state.checkpoint_key,
+        forward=shipper.submit if shipper is not None else None,
+        mask_text=active_mask().mask_text,
     )
+    state.metrics.audit_backlog.set_function(lambda: state.audit.backlog if state.audit else 0)
     await state.audit.start()
+    activity = state.config.activity
+    job_task = None
+    if activity.enabled and audit_config.db_path is not None:
+        job = ActivityJob(state.audit, activity, report=_activity_reporter(state))
+        job_task = asyncio.create_task(job.run(), name="activity-job")
     yield
+    if job_task is not None:
+        job_task.cancel()
     # Runs after aiohttp has stopped accepting and finished in-flight requests: drain.
     await state.audit.close()
     log.info("audit.drained", written=state.audit.written)
+    if shipper is not None:  # after the writer: its last events are submitted by then
+        await shipper.close(timeout=5.0)
+        log.info("siem.closed", backlog=shipper.backlog, delivered=shipper.delivered)
+
+
+async def _start_siem(state: GatewayState) -> SiemShipper | None:
+    """The SIEM shipper, with its metrics, when [siem] is enabled."""
+    config = state.config.siem
+    if not config.enabled:
+        return None
+    metrics = state.metrics
+    shipper = SiemShipper(
+        config,
+        on_failure=lambda _reason: metrics.siem_delivery_failures.inc(),
+        on_up=lambda up: metrics.siem_up.set(int(up)),
+    )
+    metrics.siem_backlog.set_function(lambda: shipper.backlog)
+    await shipper.start()
+    return shipper
+
+
+def _activity_reporter(state: GatewayState) -> Callable[[Anomaly], None]:
+    def report(anomaly: Anomaly) -> None:
+        state.metrics.activity_anomalies.labels(anomaly.entity_type, anomaly.feature).inc()
+        log.warning("activity.anomaly", **anomaly.as_dict())
+        if state.audit is not None:
+            state.audit.emit(system_event("anomaly.activity", **anomaly.as_dict()))
+
+    return report
 
 
 async def _remote_policy_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -637,7 +690,23 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
             item["hour"] = item["hour"].strftime("%Y-%m-%dT%H:00:00Z")
         return web.json_response({"hours": int(hours), "items": items})
 
+    async def audit_verify(_request: web.Request) -> web.Response:
+        if state.audit is None:
+            return web.json_response({"error": "the audit store is not open"}, status=503)
+        public = state.checkpoint_key.public_key() if state.checkpoint_key else None
+        reports = await state.audit.run(lambda cursor: verify_chains(cursor, public))
+        body = {
+            "intact": all(r.intact for r in reports),
+            "chains": [
+                {"chain": r.chain, "events": r.events, "first_seq": r.first_seq,
+                 "last_seq": r.last_seq, "checkpoints": r.checkpoints, "problems": r.problems}
+                for r in reports
+            ],
+        }  # fmt: skip
+        return web.json_response(body, status=200 if body["intact"] else 409)
+
     admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/audit/verify", audit_verify)
     admin.router.add_get("/validation/hourly", validation_hourly)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway import keyring, keys, tls
 from gateway.audit import record_offline, system_event
+from gateway.auditchain import ensure_checkpoint_key
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
 from gateway.oidc import DiscoveryError
@@ -125,12 +126,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     show = check.add_parser("check", help="validate the config, routes and policy; print a summary")
     show.set_defaults(func=cmd_config_check)
+    _add_audit(sub)
     from gateway.identity.cli import register  # noqa: PLC0415 - kept beside the parser it extends
     from gateway.validation.cli import register as register_anomaly  # noqa: PLC0415
 
     register(sub)
     register_anomaly(sub)
     return parser
+
+
+def _add_audit(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="what", required=True
+    )
+    verify = audit.add_parser(
+        "verify", help="walk the hash chains of an audit store; non-zero at the first broken link"
+    )
+    verify.add_argument("--db", type=Path, help="default: audit.db_path (stop the gateway first)")
+    verify.set_defaults(func=cmd_audit_verify)
 
 
 def cmd_setup(config: GatewayConfig, args: argparse.Namespace) -> int:
@@ -144,6 +157,43 @@ def cmd_setup(config: GatewayConfig, args: argparse.Namespace) -> int:
         AccountStore.open(config.identity.db_path).close()
         print(f"wrote {config.identity.db_path}")  # noqa: T201
     return 0
+
+
+def cmd_audit_verify(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Verify every chain and checkpoint; print one line per chain; 1 when anything is broken."""
+    import duckdb  # noqa: PLC0415 - only this command opens the store here
+
+    from gateway.auditchain import load_checkpoint_key, verify  # noqa: PLC0415
+
+    path = args.db or config.audit.db_path
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no audit store")
+    public = load_checkpoint_key(config.audit.checkpoint_key_file).public_key()
+    try:
+        connection = duckdb.connect(str(path), read_only=True)
+    except duckdb.IOException as exc:
+        raise ValueError(
+            f"{path} is open in a running gateway ({exc}); verify a copy with --db, or ask the "
+            "gateway: curl http://127.0.0.1:9464/audit/verify"
+        ) from None
+    with connection:
+        reports = verify(connection, public)
+    return print_chain_reports(reports)
+
+
+def print_chain_reports(reports: list[Any]) -> int:
+    """One line per chain and one per problem; the exit status (1 when anything is broken)."""
+    for report in reports:
+        state = "intact" if report.intact else f"BROKEN ({len(report.problems)} problems)"
+        print(  # noqa: T201
+            f"chain {report.chain}: {report.events} events, seq {report.first_seq}-"
+            f"{report.last_seq}, {report.checkpoints} checkpoints: {state}"
+        )
+        for problem in report.problems:
+            print(f"  {problem}")  # noqa: T201
+    if not reports:
+        print("no chained events")  # noqa: T201
+    return 0 if all(report.intact for report in reports) else 1
 
 
 def cmd_certs_dev(config: GatewayConfig, args: argparse.Namespace) -> int:
@@ -173,6 +223,8 @@ def cmd_keys_init(config: GatewayConfig, args: argparse.Namespace) -> int:
             path.unlink()
         if ensure_key_file(path):
             print(f"wrote {path}")  # noqa: T201
+    if ensure_checkpoint_key(config.audit.checkpoint_key_file):
+        print(f"wrote {config.audit.checkpoint_key_file}")  # noqa: T201
     model_key = config.validation.model_key_file
     if not model_key.exists():  # never replaced by --force: it would orphan every saved model
         anomaly.ensure_key(model_key)

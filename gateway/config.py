@@ -228,6 +228,55 @@ class AuditConfig:
     # the inserts took a third of a core. The JSON line is written at once either way.
     flush_interval_seconds: float = 0.5
     batch_size: int = 2000
+    # Ed25519 key that signs the hash chain's checkpoints (gateway/auditchain.py); made by setup.
+    checkpoint_key_file: Path = Path("var/secrets/audit-checkpoint.key")
+
+
+@dataclass(frozen=True)
+class SiemConfig:
+    """Audit events shipped to a SIEM as RFC 5424 syslog over TLS (docs/observability.md).
+
+    Plain TCP is for a loopback relay only, unless allow_plaintext says otherwise: the audit
+    trail names users, routes and addresses. Past memory_buffer events wait in spool_dir.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 6514  # RFC 5425's syslog over TLS
+    transport: Literal["tcp", "tls"] = "tls"
+    allow_plaintext: bool = False  # transport "tcp" to a host that is not loopback
+    ca_file: Path | None = None  # the CA of the SIEM's certificate; None: the system CAs
+    server_name: str = ""  # the name the certificate must carry; empty: host
+    client_cert_file: Path | None = None  # mutual TLS, with client_key_file
+    client_key_file: Path | None = None
+    app_name: str = "emp-gateway"
+    hostname: str = ""  # empty: this machine's name
+    facility: int = 13  # log audit (RFC 5424 table 1)
+    memory_buffer: int = 10_000  # events; past it they go to the spool
+    spool_dir: Path = Path("var/siem-spool")  # one per gateway process
+    spool_max_bytes: int = 1_073_741_824  # past it, events wait in memory (never dropped)
+    retry_initial_seconds: float = 0.5
+    retry_max_seconds: float = 30.0
+    connect_timeout_seconds: float = 5.0
+    send_timeout_seconds: float = 30.0  # a SIEM that takes no data this long is reconnected
+    # Syslog has no application acknowledgement: an event is forgotten once the SIEM's TCP
+    # acknowledged it and the connection stayed open this long (a SIEM that stops with our
+    # bytes unread resets the connection, and then they are sent again).
+    delivery_grace_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class ActivityConfig:
+    """The activity anomaly job over the audit store (gateway/activity.py)."""
+
+    enabled: bool = True
+    interval_seconds: float = 300.0
+    window_minutes: int = 60
+    min_events: int = 20  # an entity with fewer events in the window is not judged
+    min_entities: int = 5  # fewer entities of a type: nobody is called unusual
+    threshold: float = 5.0  # robust z-score
+    off_hours_start: int = 22  # UTC hour; off hours run from start to end, across midnight
+    off_hours_end: int = 6
 
 
 @dataclass(frozen=True)
@@ -250,10 +299,22 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """Operational logs (the audit trail is separate)."""
+    """Operational logs (the audit trail is separate), masked before they are written.
+
+    format "json" is ECS (Elastic Common Schema) JSON, one object a line. destination "file"
+    rotates at file_max_bytes; "syslog" is a unix socket path or "host:port" (UDP).
+    mask_keys and mask_patterns add to the built-in masking rules (docs/observability.md).
+    """
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    destination: Literal["stderr", "stdout", "file", "syslog"] = "stderr"
+    file_path: Path = Path("var/log/gateway.log")
+    file_max_bytes: int = 10_485_760
+    file_backups: int = 5
+    syslog_address: str = "/dev/log"
+    mask_keys: tuple[str, ...] = ()  # key names whose values are masked whole, e.g. "x-tenant-key"
+    mask_patterns: tuple[str, ...] = ()  # regexes masked inside any text, e.g. e-mail addresses
 
 
 @dataclass(frozen=True)
@@ -270,8 +331,10 @@ class GatewayConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    siem: SiemConfig = field(default_factory=SiemConfig)
     routes: RoutesConfig = field(default_factory=RoutesConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    activity: ActivityConfig = field(default_factory=ActivityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -380,14 +443,43 @@ def _check(config: GatewayConfig) -> None:
         raise ConfigError("limits.max_json_depth must be from 2 to 256")
     if config.validation.model_check_seconds <= 0:
         raise ConfigError("validation.model_check_seconds must be positive")
+    activity = config.activity
+    if activity.interval_seconds <= 0 or activity.window_minutes < 1 or activity.threshold <= 0:
+        raise ConfigError("activity: interval_seconds, window_minutes, threshold must be positive")
+    if not (0 <= activity.off_hours_start < 24 and 0 <= activity.off_hours_end < 24):  # noqa: PLR2004
+        raise ConfigError("activity: off_hours_start and off_hours_end are hours, 0 to 23")
     dev = config.issuer
     if not 0 < dev.default_ttl_seconds <= dev.max_ttl_seconds:
         raise ConfigError("issuer.default_ttl_seconds must be within 1..max_ttl_seconds")
     _check_identity(config)
     _check_policy(config)
+    _check_siem(config.siem)
+    _check_logging(config.logging)
     for pointer in (*config.decision_log.erase, *config.decision_log.mask):
         if not pointer.startswith("/input/"):
             raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
+
+
+def _check_logging(logging: LoggingConfig) -> None:
+    from gateway.logs import syslog_address  # noqa: PLC0415 - logs imports structlog; config stays light
+    from gateway.masking import compile_pattern  # noqa: PLC0415 - beside it
+
+    if logging.file_max_bytes < 4096:  # noqa: PLR2004 - a few lines at least, or it rotates forever
+        raise ConfigError("logging.file_max_bytes must be at least 4096")
+    if not 1 <= logging.file_backups <= 1000:  # noqa: PLR2004 - 0 would never rotate: unbounded
+        raise ConfigError("logging.file_backups must be from 1 to 1000")
+    try:
+        syslog_address(logging.syslog_address)
+    except ValueError as exc:
+        raise ConfigError(f"logging.syslog_address: {exc}") from None
+    for i, key in enumerate(logging.mask_keys):
+        if not key.strip():
+            raise ConfigError(f"logging.mask_keys[{i}] must not be empty")
+    for i, pattern in enumerate(logging.mask_patterns):
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigError(f"logging.mask_patterns[{i}]: {exc}") from None
 
 
 def _check_policy(config: GatewayConfig) -> None:
@@ -406,6 +498,59 @@ def _check_policy(config: GatewayConfig) -> None:
         raise ConfigError("policy.opa_pool_size must be at least 1")
     if not policy.opa_revision_label:
         raise ConfigError("policy.opa_revision_label must not be empty")
+
+
+def _check_siem(siem: SiemConfig) -> None:
+    import ipaddress  # noqa: PLC0415 - only this check needs it
+
+    if not 0 < siem.port < 65536:  # noqa: PLR2004 - the TCP port range
+        raise ConfigError(f"siem.port {siem.port} is outside 1..65535")
+    if not siem.host:
+        raise ConfigError("siem.host must not be empty")
+    try:
+        loopback = siem.host == "localhost" or ipaddress.ip_address(siem.host).is_loopback
+    except ValueError:
+        loopback = False
+    if siem.transport == "tcp":
+        if not loopback and not siem.allow_plaintext:
+            # The audit trail names users, routes and client addresses: not in clear on a network.
+            raise ConfigError(
+                f'siem.transport = "tcp" would send the audit trail in clear to {siem.host}: '
+                'use transport = "tls", or set siem.allow_plaintext = true'
+            )
+        tls_only = ("ca_file", "server_name", "client_cert_file", "client_key_file")
+        for name in tls_only:
+            if getattr(siem, name):
+                raise ConfigError(f'siem.{name} is set but siem.transport is "tcp": use "tls"')
+    elif siem.allow_plaintext:
+        raise ConfigError('siem.allow_plaintext applies to transport = "tcp" only')
+    if (siem.client_cert_file is None) != (siem.client_key_file is None):
+        raise ConfigError("siem.client_cert_file and siem.client_key_file go together")
+    _check_siem_names(siem)
+    _check_siem_numbers(siem)
+
+
+def _check_siem_names(siem: SiemConfig) -> None:
+    # RFC 5424 section 6.2: header fields are printable US-ASCII; say so rather than rewrite.
+    for name, limit in (("app_name", 48), ("hostname", 255)):
+        value = getattr(siem, name)
+        if len(value) > limit or not all("!" <= char <= "~" for char in value):
+            raise ConfigError(f"siem.{name} must be at most {limit} printable ASCII characters")
+    if not siem.app_name:
+        raise ConfigError("siem.app_name must not be empty")
+
+
+def _check_siem_numbers(siem: SiemConfig) -> None:
+    if not 0 <= siem.facility <= 23:  # noqa: PLR2004 - RFC 5424 table 1
+        raise ConfigError("siem.facility must be from 0 to 23 (13: log audit)")
+    if siem.memory_buffer < 1 or siem.spool_max_bytes < 1:
+        raise ConfigError("siem.memory_buffer and siem.spool_max_bytes must be positive")
+    if not 0 < siem.retry_initial_seconds <= siem.retry_max_seconds:
+        raise ConfigError("siem.retry_initial_seconds must be within 0..retry_max_seconds")
+    if siem.connect_timeout_seconds <= 0 or siem.send_timeout_seconds <= 0:
+        raise ConfigError("siem.connect_timeout_seconds and send_timeout_seconds must be positive")
+    if not 0 <= siem.delivery_grace_seconds < siem.send_timeout_seconds:
+        raise ConfigError("siem.delivery_grace_seconds must be within 0..send_timeout_seconds")
 
 
 def _check_server(config: GatewayConfig) -> None:

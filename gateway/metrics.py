@@ -91,6 +91,31 @@ class GatewayMetrics:
             "gateway_records_quarantined", "Quarantined ingest records by stream and rule",
             ["stream", "rule"], registry=r,
         )  # fmt: skip
+        # The audit trail and its shipping to the SIEM (docs/observability.md).
+        self.audit_backlog = Gauge(
+            "gateway_audit_backlog", "Audit events written as JSON lines but not yet in DuckDB",
+            registry=r,
+        )  # fmt: skip
+        self.siem_backlog = Gauge(
+            "gateway_siem_backlog",
+            "Audit events not yet delivered to the SIEM (in memory and spooled to disk)",
+            registry=r,
+        )  # fmt: skip
+        self.siem_up = Gauge(
+            "gateway_siem_up", "1 when the SIEM connection is up, 0 when it is not", registry=r
+        )
+        self.siem_delivery_failures = Counter(
+            "gateway_siem_delivery_failures",
+            "Failed attempts to deliver audit events to the SIEM (connect, TLS or write errors)",
+            registry=r,
+        )  # fmt: skip
+        self.activity_anomalies = Counter(
+            "gateway_activity_anomalies",
+            "Unusual activity found by the anomaly job, by entity type (subject, remote_addr) "
+            "and feature", ["entity_type", "feature"], registry=r,
+        )  # fmt: skip
+        for outcome in ("accepted", "rejected"):  # both series exist from the start: the
+            self.policy_reloads.labels(outcome)  # first rejected reload is then an increase
         self.policy_info = Gauge(
             "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
         )

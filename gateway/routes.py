@@ -24,7 +24,7 @@ _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)(?::((?:[^{}]|\{[^{}]*\})+))?\}")
 _DEFAULT_PARAM_PATTERN = "[^/]+"
 _KNOWN_KEYS = {
     "name", "methods", "path", "resource", "action", "schema", "record_schema",
-    "content_types", "max_body_bytes", "public", "rules",
+    "content_types", "max_body_bytes", "public", "rules", "served_by", "sensitive",
 }  # fmt: skip
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
@@ -47,6 +47,10 @@ class Route:
     # Declarative rules (gateway/validation/rules.py), run after the schema on the body or,
     # with record_schema, on each record.
     rules: RuleSet | None = None
+    # "upstream" (forwarded) or "gateway" (answered by a handler in gateway/stages/local.py).
+    served_by: str = "upstream"
+    # Body fields whose values the audit event never shows ("***"), e.g. an employee's email.
+    sensitive: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,21 @@ def _route(entry: dict[str, Any], index: int, schema_dir: Path) -> Route:
         max_body_bytes=entry.get("max_body_bytes"),
         public=bool(entry.get("public", False)),
         rules=compile_rules(str(entry["name"]), entry["rules"]) if "rules" in entry else None,
+        served_by=_served_by(entry.get("served_by", "upstream"), where),
+        sensitive=frozenset(_names(entry.get("sensitive", []), f"{where}.sensitive")),
     )
+
+
+def _names(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"routes: {where} must be a list of field names")
+    return value
+
+
+def _served_by(value: Any, where: str) -> str:
+    if value not in {"upstream", "gateway"}:
+        raise ConfigError(f'routes: {where}.served_by must be "upstream" or "gateway"')
+    return str(value)
 
 
 def _schema(name: str | None, schema_dir: Path, where: str) -> dict[str, Any] | None:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from gateway.masking import MaskSecrets
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -77,11 +79,13 @@ class DecisionLog:
         erase: Sequence[str] = (),
         mask: Sequence[str] = (),
         entrypoint: str = "gateway/authz/decision",
+        secrets: MaskSecrets | None = None,
     ) -> None:
         for pointer in (*erase, *mask):
             _parts(pointer)  # a malformed pointer stops the start, not the first request
         self._erase = tuple(dict.fromkeys((*ALWAYS_ERASED, *erase)))
         self._mask = tuple(mask)
+        self._secrets = secrets or MaskSecrets()
         self._path = entrypoint
         self._stream: IO[str] = _open_append(Path(path))
 
@@ -111,11 +115,30 @@ class DecisionLog:
         }
         erased = [p for p in self._erase if _apply(event, p, erase=True)]
         masked = [p for p in self._mask if _apply(event, p, erase=False)]
+        if self._mask_query(event):
+            masked.append("/input/request/query")
         if erased:
             event["erased"] = erased
         if masked:
             event["masked"] = masked
         return event
+
+    def _mask_query(self, event: dict[str, Any]) -> bool:
+        """A credential in the query string (?access_token=...) never reaches the log."""
+        request = event["input"].get("request")
+        query = request.get("query") if isinstance(request, dict) else None
+        if not query:
+            return False
+        secrets = self._secrets
+        cleaned = {
+            name: [MASK] * len(values) if secrets.is_sensitive_key(name)
+            else [secrets.mask_text(v) if isinstance(v, str) else v for v in values]
+            for name, values in query.items()
+        }  # fmt: skip
+        if cleaned == query:
+            return False
+        event["input"] = {**event["input"], "request": {**request, "query": cleaned}}
+        return True
 
     def record(self, **fields: Any) -> None:
         """Build and append one event."""

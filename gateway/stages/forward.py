@@ -107,6 +107,8 @@ class ForwardStage:
 
     async def __call__(self, ctx: RequestContext) -> None:
         """Proxy; upstream refusal to connect is 502, silence past the timeout 504."""
+        if ctx.response is not None:  # answered by the gateway itself (stages/local.py)
+            return
         url = self._base + ctx.path + (f"?{ctx.query_string}" if ctx.query_string else "")
         body = await self._body(ctx)
         started = time.perf_counter()

@@ -181,6 +181,8 @@ class ValidateStage:
             await self._check_batch(ctx, route, ctx.payload)
         else:
             self._check(route, ctx.payload)
+            if isinstance(ctx.payload, dict):
+                ctx.detail["changes"] = changed_fields(ctx.payload, route.sensitive)
 
     def _parse(self, body: bytes, content_type: str) -> Any:
         try:
@@ -302,6 +304,26 @@ class ValidateStage:
             return None
         checker.flag_model(scored, scores, model)
         return model.meta.model_id
+
+
+MAX_AUDITED_VALUE_CHARS = 200
+
+
+def changed_fields(payload: dict[str, Any], sensitive: frozenset[str]) -> dict[str, Any]:
+    """What a write asks to change, for the audit: each field's new value.
+
+    A sensitive field shows `***`; long values are cut at 200 characters.
+    """
+    changes: dict[str, Any] = {}
+    for name, value in payload.items():
+        if name in sensitive:
+            changes[name] = "***"
+            continue
+        text = json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else value
+        if isinstance(text, str) and len(text) > MAX_AUDITED_VALUE_CHARS:
+            text = text[:MAX_AUDITED_VALUE_CHARS] + "..."
+        changes[name] = text
+    return changes
 
 
 def _any_rejected(outcomes: list[Outcome]) -> bool:

@@ -1,0 +1,232 @@
+"""The audit trail's hash chain: sealing each event, signing checkpoints, verifying a store.
+
+Each writer process keeps one chain (its id names host, pid and a random part), so several
+workers never contend for a head. Every event gets `chain`, `seq` (1, 2, ...), `prev_hash`
+(the previous event's hash; 64 zeros for the first) and `hash`: SHA-256 over the event's
+canonical JSON (sorted keys, no spaces, UTF-8) without `hash`. The row keeps that JSON in
+`raw`, so a verifier recomputes the hash from exactly what was sealed and checks the queryable
+columns against it. Checkpoints sign (chain, seq, hash, time) with an Ed25519 key: a verifier
+holding the public key can tell a real head from a rewritten one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway import keys
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import duckdb
+
+GENESIS = "0" * 64
+SEAL_FIELDS = ("chain", "seq", "prev_hash", "hash")
+# Columns checked against the sealed JSON (the rest are derived or too lossy to compare).
+CHECKED_COLUMNS = (
+    "event_id", "kind", "request_id", "subject", "roles", "issuer", "method", "path", "route",
+    "decision", "reason_id", "status", "latency_ms", "upstream_ms", "policy_revision", "reasons",
+    "remote_addr", "user_agent", "detail", "time",
+)  # fmt: skip
+
+
+def canonical(event: dict[str, Any]) -> str:
+    """The event as canonical JSON: sorted keys, no spaces, non-ASCII kept."""
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def digest(event: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of the event without its `hash`."""
+    sealed = {k: v for k, v in event.items() if k != "hash"}
+    return hashlib.sha256(canonical(sealed).encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Chain:
+    """One writer's chain head; seal() appends an event to it (not thread-safe: one owner)."""
+
+    chain_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+    seq: int = 0
+    head: str = GENESIS
+
+    def seal(self, event: dict[str, Any]) -> str:
+        """Add chain, seq, prev_hash and hash to the event; its canonical JSON line."""
+        self.seq += 1
+        event["chain"], event["seq"], event["prev_hash"] = self.chain_id, self.seq, self.head
+        event.pop("hash", None)
+        body = canonical(event)
+        event["hash"] = self.head = hashlib.sha256(body.encode("utf-8")).hexdigest()
+        # The same canonical form with the hash in it (sorted keys: "hash" lands in its place).
+        return canonical(event)
+
+
+def checkpoint_message(chain: str, seq: int, head: str, at: str) -> bytes:
+    """The bytes a checkpoint signs."""
+    return f"emp-audit-checkpoint:v1:{chain}:{seq}:{head}:{at}".encode()
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """A short id of a checkpoint public key: the first 16 hex of SHA-256 of its raw bytes."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def ensure_checkpoint_key(path: Path) -> bool:
+    """Create the Ed25519 checkpoint key (PEM, 0600) if missing; whether it was created."""
+    if path.exists():
+        return False
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    keys.write_private(path, pem)
+    return True
+
+
+def load_checkpoint_key(path: Path) -> Ed25519PrivateKey:
+    """The checkpoint signing key; a missing or foreign file raises ValueError naming it."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: audit checkpoint key not found; run `gateway setup`") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: the audit checkpoint key must be an Ed25519 key")  # noqa: TRY004
+    return key
+
+
+@dataclass
+class ChainReport:
+    """What verification found in one chain."""
+
+    chain: str
+    events: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    checkpoints: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """No broken link, no edited row, no bad checkpoint."""
+        return not self.problems
+
+
+def verify(
+    connection: duckdb.DuckDBPyConnection, public: Ed25519PublicKey | None
+) -> list[ChainReport]:
+    """Walk every chain in an audit store; each report names its first broken link (and more)."""
+    # TIMESTAMPTZ reads back as microseconds (a datetime would need pytz in DuckDB).
+    columns = ", ".join("epoch_us(time)" if c == "time" else c for c in CHECKED_COLUMNS)
+    rows = connection.execute(
+        f"SELECT chain, seq, prev_hash, hash, raw, {columns} FROM audit_events "  # noqa: S608 - fixed names
+        "WHERE chain IS NOT NULL ORDER BY chain, seq"
+    ).fetchall()
+    reports: dict[str, ChainReport] = {}
+    previous: dict[str, tuple[int, str]] = {}
+    for row in rows:
+        chain, seq, prev_hash, stored_hash, raw = row[:5]
+        report = reports.setdefault(chain, ChainReport(chain, first_seq=seq))
+        report.events += 1
+        report.last_seq = seq
+        _check_row(report, previous.get(chain), seq, prev_hash, stored_hash, raw, row[5:])
+        previous[chain] = (seq, stored_hash)
+    _check_checkpoints(connection, reports, public)
+    return list(reports.values())
+
+
+def _check_row(  # noqa: PLR0917 - one row's fields, read in the order they are stored
+    report: ChainReport,
+    before: tuple[int, str] | None,
+    seq: int,
+    prev_hash: str,
+    stored_hash: str,
+    raw: str | None,
+    values: tuple[Any, ...],
+) -> None:
+    expected_seq, expected_prev = (before[0] + 1, before[1]) if before else (1, GENESIS)
+    if before is not None and seq == before[0]:
+        report.problems.append(f"seq {seq}: appears more than once (a row was inserted)")
+        return
+    if seq != expected_seq:
+        missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}-{seq - 1}"
+        report.problems.append(f"seq {missing}: missing (rows were deleted)")
+    elif prev_hash != expected_prev:
+        report.problems.append(f"seq {seq}: prev_hash does not match seq {seq - 1}'s hash")
+    if raw is None:
+        report.problems.append(f"seq {seq}: the sealed JSON (raw) is missing")
+        return
+    try:
+        sealed = json.loads(raw)
+    except ValueError:
+        report.problems.append(f"seq {seq}: the sealed JSON (raw) is not JSON")
+        return
+    if digest(sealed) != stored_hash or sealed.get("hash") != stored_hash:
+        report.problems.append(f"seq {seq}: hash does not match the sealed event (edited)")
+        return
+    if (sealed.get("chain"), sealed.get("seq"), sealed.get("prev_hash")) != (
+        report.chain, seq, prev_hash,
+    ):  # fmt: skip
+        report.problems.append(f"seq {seq}: chain fields differ from the sealed event (moved)")
+        return
+    for name, value in zip(CHECKED_COLUMNS, values, strict=True):
+        if not _same(name, value, sealed.get(name)):
+            report.problems.append(f"seq {seq}: column {name} differs from the sealed event")
+            return
+
+
+def _same(name: str, column: Any, sealed: Any) -> bool:
+    """Whether a column's value is the sealed event's (DuckDB types read back loosely)."""
+    if name == "time":
+        try:
+            moment = datetime.fromisoformat(str(sealed))
+        except ValueError:
+            return False
+        return bool(column == round(moment.timestamp() * 1_000_000))
+    if isinstance(column, str) and isinstance(sealed, dict | list):
+        try:
+            return bool(json.loads(column) == sealed)
+        except ValueError:
+            return False
+    if isinstance(column, float) and isinstance(sealed, int | float):
+        return math.isclose(column, sealed, rel_tol=0, abs_tol=1e-9)
+    return bool(column == sealed)
+
+
+def _check_checkpoints(
+    connection: duckdb.DuckDBPyConnection,
+    reports: dict[str, ChainReport],
+    public: Ed25519PublicKey | None,
+) -> None:
+    rows = connection.execute(
+        "SELECT c.chain, c.seq, c.hash, CAST(c.time AS VARCHAR), c.signed_at, c.signature, e.hash "
+        "FROM audit_checkpoints c LEFT JOIN audit_events e ON e.chain = c.chain AND e.seq = c.seq "
+        "ORDER BY c.chain, c.seq"
+    ).fetchall()
+    for chain, seq, head, _time, at, signature, row_hash in rows:
+        report = reports.setdefault(chain, ChainReport(chain))
+        report.checkpoints += 1
+        if public is not None:
+            try:
+                public.verify(bytes.fromhex(signature), checkpoint_message(chain, seq, head, at))
+            except (InvalidSignature, ValueError):
+                report.problems.append(f"checkpoint at seq {seq}: bad signature")
+                continue
+        if row_hash is None:
+            report.problems.append(f"checkpoint at seq {seq}: its event is missing (deleted)")
+        elif row_hash != head:
+            report.problems.append(f"checkpoint at seq {seq}: the event's hash differs (rewritten)")
