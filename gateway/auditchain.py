@@ -70,8 +70,9 @@ class Chain:
         event.pop("hash", None)
         body = canonical(event)
         event["hash"] = self.head = hashlib.sha256(body.encode("utf-8")).hexdigest()
-        # The same canonical form with the hash in it (sorted keys: "hash" lands in its place).
-        return canonical(event)
+        # The sealed body with the hash appended (a verifier drops `hash` and re-canonicalises,
+        # so the line need not be canonical itself; this saves a second serialisation).
+        return f'{body[:-1]},"hash":"{self.head}"}}'  # body has chain, seq, prev_hash at least
 
 
 def checkpoint_message(chain: str, seq: int, head: str, at: str) -> bytes:
