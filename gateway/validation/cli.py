@@ -73,8 +73,9 @@ def cmd_anomaly_train(config: GatewayConfig, args: argparse.Namespace) -> int:
         algorithm=args.algorithm or model_config.algorithm,
         contamination=args.contamination or model_config.contamination,
     )
-    path = anomaly.save(model, config.validation.model_dir, _key(config))
-    meta = anomaly.read_meta(path, _key(config))
+    key = _key(config)
+    path = anomaly.save(model, config.validation.model_dir, key)
+    meta = anomaly.read_meta(path, key)
     summary = {"path": str(path), "model": meta.model_id, "skipped_records": skipped,
                **_meta_dict(meta)}  # fmt: skip
     record_offline(
