@@ -12,6 +12,8 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # run the gate on a copy of the tree without installing that copy into the venv.
 SAST_PATHS ?= gateway upstream
 SAST_DEPS ?= venv
+# Test processes: each runs whole test files (their module-scoped servers stay in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: help venv setup run test test-deps test-policy lint sast bench eval-anomaly clean
 
@@ -45,7 +47,7 @@ test-deps: ## the servers the tests start themselves: Debian's redis-server and 
 	tests/fixtures/oidc_provider/install.sh
 
 test: venv test-deps test-policy ## the Rego tests and the whole pytest suite (real TLS, Redis, an OIDC provider)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 sast: $(SAST_DEPS) ## bandit over the code: non-zero on any high-severity finding
 	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive $(SAST_PATHS) --severity-level high
