@@ -47,6 +47,7 @@ from gateway.policy.embedded import EmbeddedPolicyEngine
 from gateway.policy.reload import PolicyReloader
 from gateway.policy.remote import RemotePolicyEngine
 from gateway.routes import RouteTable, load_routes
+from gateway.secrets.inventory import inventory
 from gateway.siem import SiemShipper
 from gateway.stages.authn import (
     Authenticator,
@@ -377,9 +378,35 @@ def protocol_error_hook(app: web.Application) -> Callable[[str, int, str, str | 
     return record
 
 
+# On every API response unless the handler set its own (the login page sets a stricter CSP).
+# A JSON API needs no sources at all: a response a browser is tricked into rendering runs
+# nothing and cannot be framed.
+_HARDENING = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+}
+_HSTS = "max-age=31536000; includeSubDomains"
+
+
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
     # Name the product, not the framework and its version.
     response.headers["Server"] = "emp-gateway"
+
+
+async def _hardening_headers(request: web.Request, response: web.StreamResponse) -> None:
+    await _server_header(request, response)
+    headers = response.headers
+    for name, value in _HARDENING.items():
+        headers.setdefault(name, value)
+    if request.secure:
+        headers["Strict-Transport-Security"] = _HSTS
+    # Anything answered to a credential is private to it: no shared or browser cache keeps it,
+    # whatever the upstream said.
+    session_cookie = request.app[STATE].config.identity.sessions.cookie_name
+    if "Authorization" in request.headers or session_cookie in request.cookies:
+        headers["Cache-Control"] = "no-store"
 
 
 @web.middleware
@@ -401,7 +428,7 @@ def build_app(state: GatewayState) -> web.Application:
         client_max_size=state.config.limits.max_body_bytes, middlewares=[_unmatched_to_pipeline]
     )
     app[STATE] = state
-    app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(_hardening_headers)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_remote_policy_ctx)
     app.cleanup_ctx.append(_sessions_ctx)
@@ -523,6 +550,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
             render_denial=render_identity_denial,
         )
         state.background.append(asyncio.create_task(_watch_keyring(state)))
+    state.background.append(asyncio.create_task(_watch_secrets(state), name="secret-ages"))
     if config.policy.engine == "embedded":  # a remote OPA loads its own policies
         state.reloader = _reloader(state)
         if config.policy.watch:
@@ -538,6 +566,21 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     if state.identity is not None:
         await state.identity.guard.close()
         await state.identity.tokens.state.close()
+
+
+async def _watch_secrets(state: GatewayState) -> None:
+    """Keep the secret-age and certificate-expiry metrics current (secrets.refresh_seconds)."""
+    while True:
+        try:
+            states = await asyncio.to_thread(inventory, state.config)
+        except Exception:  # a metric refresh must never stop the gateway
+            log.exception("secrets.inventory_failed")
+        else:
+            state.metrics.observe_secrets(states)
+            for failing in (s for s in states if s.failing):
+                log.warning("secrets.attention", item=failing.name, status=failing.status,
+                            source=failing.source)  # fmt: skip
+        await asyncio.sleep(state.config.secrets.refresh_seconds)
 
 
 def _start_validation(state: GatewayState, upstream: aiohttp.ClientSession) -> None:

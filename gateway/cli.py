@@ -57,8 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, help="default: config/gateway.toml")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gateway in the foreground until SIGINT/SIGTERM")
-    serve.set_defaults(func=cmd_serve)
+    _add_serve(sub)
 
     setup = sub.add_parser(
         "setup", help="create dev certs, keys and the upstream secret if missing"
@@ -128,11 +127,23 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_check)
     _add_audit(sub)
     from gateway.identity.cli import register  # noqa: PLC0415 - kept beside the parser it extends
+    from gateway.secrets.cli import register as register_secrets  # noqa: PLC0415
     from gateway.validation.cli import register as register_anomaly  # noqa: PLC0415
 
     register(sub)
     register_anomaly(sub)
+    register_secrets(sub)
     return parser
+
+
+def _add_serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the gateway in the foreground until SIGINT/SIGTERM")
+    serve.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="with tls.enabled = false in production: listen in plain HTTP (warned, metered)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
 
 def _add_audit(sub: Any) -> None:
@@ -354,17 +365,28 @@ def cmd_config_check(config: GatewayConfig, _args: argparse.Namespace) -> int:
     from gateway.app import load_state  # noqa: PLC0415 - keeps `token mint` light
 
     state = load_state(config)
-    tls.server_context(config.tls)
+    if config.tls.enabled:
+        tls.server_context(config.tls)
     print(f"config ok: {len(state.routes.routes)} routes, policy revision {state.engine.revision}")  # noqa: T201
     return 0
 
 
 def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Run until a signal; a missing policy, key, secret or certificate refuses to start."""
-    return asyncio.run(_serve(config, args.config))
+    production = config.server.environment == "production"
+    try:
+        plain = tls.listen_plain(
+            config.tls, production=production, allow_plaintext=args.allow_plaintext
+        )
+    except tls.PlaintextRefused as exc:
+        print(f"gateway: refusing to start: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    return asyncio.run(_serve(config, args.config, plain=plain))
 
 
-async def _serve(config: GatewayConfig, config_file: Path | None = None) -> int:
+async def _serve(
+    config: GatewayConfig, config_file: Path | None = None, *, plain: bool = False
+) -> int:
     from gateway.app import (  # noqa: PLC0415 - serve-only imports stay off `token mint`
         build_admin_app,
         build_app,
@@ -375,7 +397,13 @@ async def _serve(config: GatewayConfig, config_file: Path | None = None) -> int:
     from gateway.server import GatewayRunner  # noqa: PLC0415
 
     state = load_state(config, config_file)
-    ssl_context = tls.server_context(config.tls)
+    ssl_context = None if plain else tls.server_context(config.tls)
+    if plain:
+        # At every start, and as a metric, for as long as it lasts.
+        log.warning("gateway.plaintext", environment=config.server.environment,
+                    detail="tls.enabled is false: the API listens in plain HTTP; the session "
+                           "cookie (Secure) will not be set by browsers")  # fmt: skip
+        state.metrics.tls_enabled.set(0)
     api = build_app(state)
     server = config.server
     runners: list[web.AppRunner] = []
@@ -385,7 +413,7 @@ async def _serve(config: GatewayConfig, config_file: Path | None = None) -> int:
         (build_admin_app(api), server.admin_host, server.admin_port, None, None),
         (api, server.host, server.https_port, ssl_context, protocol_error_hook(api)),
     ]
-    if server.http_port:
+    if server.http_port and not plain:
         plan.append((build_redirect_app(config), server.host, server.http_port, None, None))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -417,7 +445,8 @@ async def _serve(config: GatewayConfig, config_file: Path | None = None) -> int:
             await runner.setup()
             runners.append(runner)
             await web.TCPSite(runner, host, port, ssl_context=context).start()  # type: ignore[arg-type]
-        log.info("gateway.listening", https=f"https://{server.host}:{server.https_port}",
+        scheme = "http" if plain else "https"
+        log.info("gateway.listening", api=f"{scheme}://{server.host}:{server.https_port}",
                  admin=f"http://{server.admin_host}:{server.admin_port}",
                  policy_revision=state.engine.revision)  # fmt: skip
         await stop.wait()

@@ -38,8 +38,14 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class TlsConfig:
-    """The server certificate; generate dev ones with `gateway certs dev`."""
+    """The server certificate; generate dev ones with `gateway certs dev`.
 
+    enabled = false makes the API listen in plain HTTP (behind a TLS-terminating proxy): in
+    production `gateway serve` then refuses to start unless given --allow-plaintext, and warns
+    at every start either way (docs/security/tls.md).
+    """
+
+    enabled: bool = True
     cert_file: Path = Path("var/certs/server.pem")
     key_file: Path = Path("var/certs/server-key.pem")
     ca_file: Path = Path("var/certs/ca.pem")
@@ -318,6 +324,33 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class SecretAgeLimit:
+    """One secret's own age limit.
+
+    `secret` is a name `gateway secrets check` lists, or a prefix ending in "*"
+    (e.g. "client_secret:*").
+    """
+
+    secret: str
+    max_age_days: float
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    """Age limits of the secrets the gateway holds (`gateway secrets check`, the age metrics).
+
+    A secret past its limit is overdue (the check exits 1, an alert fires); within due_days of
+    it, due. A certificate is expiring when fewer than certificate_min_days remain.
+    """
+
+    max_age_days: float = 90.0
+    due_days: float = 14.0
+    certificate_min_days: float = 21.0
+    limits: tuple[SecretAgeLimit, ...] = ()
+    refresh_seconds: float = 60.0  # how often the running gateway re-reads the ages
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -336,6 +369,7 @@ class GatewayConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     activity: ActivityConfig = field(default_factory=ActivityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
 
 
 T = TypeVar("T")
@@ -455,9 +489,25 @@ def _check(config: GatewayConfig) -> None:
     _check_policy(config)
     _check_siem(config.siem)
     _check_logging(config.logging)
+    _check_secrets(config.secrets)
     for pointer in (*config.decision_log.erase, *config.decision_log.mask):
         if not pointer.startswith("/input/"):
             raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
+
+
+def _check_secrets(secrets: SecretsConfig) -> None:
+    if secrets.max_age_days <= 0 or secrets.refresh_seconds <= 0:
+        raise ConfigError("secrets.max_age_days and secrets.refresh_seconds must be positive")
+    if secrets.due_days < 0 or secrets.certificate_min_days < 0:
+        raise ConfigError("secrets.due_days and secrets.certificate_min_days must be >= 0")
+    seen: set[str] = set()
+    for limit in secrets.limits:
+        if limit.max_age_days <= 0:
+            raise ConfigError(f"secrets.limits: {limit.secret!r}: max_age_days must be positive")
+        if not limit.secret or "*" in limit.secret[:-1] or limit.secret in seen:
+            raise ConfigError(f"secrets.limits: {limit.secret!r}: empty, duplicate or a "
+                              '"*" that is not at the end')  # fmt: skip
+        seen.add(limit.secret)
 
 
 def _check_logging(logging: LoggingConfig) -> None:

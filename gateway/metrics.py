@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from gateway.pipeline import RequestContext
+    from gateway.secrets.inventory import SecretState
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _EVAL_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05)
@@ -114,6 +115,31 @@ class GatewayMetrics:
             "Unusual activity found by the anomaly job, by entity type (subject, remote_addr) "
             "and feature", ["entity_type", "feature"], registry=r,
         )  # fmt: skip
+        # Secrets (gateway/secrets/inventory.py): names come from config, never from requests.
+        self.secret_age = Gauge(
+            "gateway_secret_age_seconds", "Age of each secret the gateway holds (`secrets check`)",
+            ["secret"], registry=r,
+        )  # fmt: skip
+        self.secret_max_age = Gauge(
+            "gateway_secret_max_age_seconds", "Each secret's age limit from config (secrets.*)",
+            ["secret"], registry=r,
+        )  # fmt: skip
+        self.certificate_expiry = Gauge(
+            "gateway_certificate_expiry_timestamp_seconds",
+            "When each certificate the gateway uses stops being valid (Unix time)",
+            ["certificate"], registry=r,
+        )  # fmt: skip
+        self.secrets_failing = Gauge(
+            "gateway_secrets_failing",
+            "Secrets overdue, expiring, expired, missing or unreadable (`secrets check` exits 1)",
+            registry=r,
+        )  # fmt: skip
+        self.tls_enabled = Gauge(
+            "gateway_tls_enabled",
+            "1 when the API listens with TLS; 0 when started with --allow-plaintext",
+            registry=r,
+        )  # fmt: skip
+        self.tls_enabled.set(1)
         for outcome in ("accepted", "rejected"):  # both series exist from the start: the
             self.policy_reloads.labels(outcome)  # first rejected reload is then an increase
         self.policy_info = Gauge(
@@ -183,3 +209,17 @@ class GatewayMetrics:
             self._child(self.validation_failures, route, reason).inc()
         elif family == "upstream":
             self._child(self.upstream_errors, reason).inc()
+
+    def observe_secrets(self, states: list[SecretState]) -> None:
+        """Set the secret-age and certificate-expiry gauges from a fresh inventory."""
+        self.secret_age.clear()
+        self.secret_max_age.clear()
+        self.certificate_expiry.clear()
+        for state in states:
+            if state.expires_at is not None:
+                self.certificate_expiry.labels(state.name).set(state.expires_at)
+            elif state.age_seconds is not None:
+                self.secret_age.labels(state.name).set(state.age_seconds)
+                if state.max_age_seconds is not None:
+                    self.secret_max_age.labels(state.name).set(state.max_age_seconds)
+        self.secrets_failing.set(sum(state.failing for state in states))

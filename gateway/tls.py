@@ -133,15 +133,40 @@ def write_dev_certs(config: TlsConfig, *, force: bool = False) -> list[Path]:
     return written
 
 
+# TLS 1.2 suites: forward secrecy and AEAD only (Mozilla's "intermediate" profile, less DHE);
+# TLS 1.3 suites are all AEAD and are not affected by set_ciphers.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def server_context(config: TlsConfig) -> ssl.SSLContext:
-    """TLS 1.2+ server context; a missing certificate is a refusal to start."""
+    """TLS 1.2+ server context, AEAD suites only; a missing certificate is a refusal to start."""
     for path in (config.cert_file, config.key_file):
         if not path.exists():
             raise FileNotFoundError(f"{path}: TLS file missing; run `gateway certs dev`")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(config.cert_file, config.key_file)
     return context
+
+
+class PlaintextRefused(RuntimeError):  # noqa: N818 - reads as the condition
+    """Production without TLS and without --allow-plaintext."""
+
+
+def listen_plain(config: TlsConfig, *, production: bool, allow_plaintext: bool) -> bool:
+    """Whether the API listens without TLS; PlaintextRefused when that is not allowed."""
+    if config.enabled:
+        return False
+    if production and not allow_plaintext:
+        raise PlaintextRefused(
+            "tls.enabled is false in production: the API would listen in plain HTTP. Terminate "
+            "TLS here (tls.enabled = true), or, behind a proxy that does, start with "
+            "`gateway serve --allow-plaintext`"
+        )
+    return True
 
 
 def client_context(ca_file: Path | None) -> ssl.SSLContext:
