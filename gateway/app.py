@@ -90,7 +90,7 @@ class GatewayState:
     routes: RouteTable
     engine: PolicyEngine
     metrics: GatewayMetrics
-    upstream_secret: str
+    upstream_secret: keys.SecretFile  # re-read after a rotation (`secrets rotate`)
     keyring: KeyRing | None
     streams: StreamCatalog = field(default_factory=lambda: StreamCatalog(streams={}))
     checkpoint_key: Ed25519PrivateKey | None = None
@@ -136,7 +136,7 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
         checkpoint_key=load_checkpoint_key(config.audit.checkpoint_key_file),
         engine=engine,
         metrics=metrics,
-        upstream_secret=register_secret(keys.read_secret(config.upstream.secret_file)),
+        upstream_secret=keys.SecretFile(config.upstream.secret_file, on_new=register_secret),
         keyring=keyring,
     )
     unknown = set(config.policy.dry_run_routes) - {r.name for r in state.routes.routes}
@@ -307,7 +307,7 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
         ForwardStage(
             session=upstream,
             base_url=config.upstream.url,
-            secret=state.upstream_secret,
+            secret=state.upstream_secret.current,
             max_body_bytes=config.limits.max_body_bytes,
             read_timeout_seconds=config.upstream.read_timeout_seconds,
         ),
@@ -586,7 +586,7 @@ async def _watch_secrets(state: GatewayState) -> None:
 def _start_validation(state: GatewayState, upstream: aiohttp.ClientSession) -> None:
     """The stream baselines (refreshed in the background) and the lazily loaded models."""
     config = state.config
-    reader = UpstreamReader(upstream, config.upstream.url, state.upstream_secret)
+    reader = UpstreamReader(upstream, config.upstream.url, state.upstream_secret.current)
 
     def report(kind: str, detail: dict[str, Any]) -> None:
         if state.audit is not None:

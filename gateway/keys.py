@@ -16,12 +16,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import jwt
+import structlog
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
 SIGNING_KEYS_FILE = "signing.jwks.json"
+log = structlog.get_logger("gateway.keys")
 _BOOKKEEPING = frozenset({"created_at", "retired_at"})  # key-ring fields that are not JWK members
 
 
@@ -99,3 +101,61 @@ def read_secret(path: Path) -> str:
     if not value:
         raise ValueError(f"{path}: secret file is empty; run `gateway keys init --force`")
     return value
+
+
+class SecretFile:
+    """A one-line secret file, re-read when it changes (a rotation).
+
+    The caller asks for `current()` per use; the file is looked at once per `check_seconds`.
+
+    A file that turns missing, empty or unreadable keeps the last good value (and says so in
+    the log): a botched edit must not take the gateway down, and the old value is still one
+    the other side knows.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        on_new: Callable[[str], str] = lambda value: value,
+        check_seconds: float = 1.0,
+    ) -> None:
+        self.path = path
+        self._on_new = on_new  # e.g. register the value with the log mask
+        self._check = check_seconds
+        self._stat = _identity(path)
+        self._value = on_new(read_secret(path))  # missing or empty at start: refuse to start
+        self._next_check = time.monotonic() + check_seconds
+
+    def __repr__(self) -> str:
+        return f"SecretFile({str(self.path)!r})"  # never the value
+
+    def current(self) -> str:
+        """The secret as the file holds it now (at most check_seconds old)."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._check
+            self._reload()
+        return self._value
+
+    def _reload(self) -> None:
+        try:
+            identity = _identity(self.path)
+        except OSError:
+            log.warning("secret_file.unreadable", path=str(self.path))
+            return
+        if identity == self._stat:
+            return
+        try:
+            value = read_secret(self.path)
+        except (OSError, ValueError):
+            log.warning("secret_file.unreadable", path=str(self.path))
+            return
+        self._value = self._on_new(value)
+        self._stat = identity
+        log.info("secret_file.reloaded", path=str(self.path))
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)

@@ -16,7 +16,7 @@ from upstream.middlewares import gateway_trust, json_errors, request_id_echo
 from upstream.routes import add_routes
 from upstream.routes.common import DATABASE
 from upstream.routes.health import HEALTH_PATH
-from upstream.trust import read_secret
+from upstream.trust import TrustedSecrets
 
 # Ingest batches may hold 10,000 records; aiohttp's 1 MiB default would cut them short.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -36,7 +36,7 @@ def database_context(path: Path) -> Callable[[web.Application], AsyncIterator[No
 
 def create_app(config: UpstreamConfig) -> web.Application:
     """The EMP service; raises SecretError now and MigrationError at startup."""
-    secret = read_secret(config.trust.secret_file)
+    secret = TrustedSecrets(config.trust.secret_file)
     app = web.Application(
         middlewares=[
             request_id_echo(),

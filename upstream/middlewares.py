@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from upstream.errors import ApiError, ReasonId
+from upstream.trust import TrustedSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,23 @@ def json_errors() -> Middleware:
     return impl
 
 
-def gateway_trust(*, secret: bytes, open_routes: frozenset[tuple[str, str]]) -> Middleware:
-    """Refuse every request without the gateway's secret, except the listed (method, path)."""
+def gateway_trust(
+    *, secret: bytes | TrustedSecrets, open_routes: frozenset[tuple[str, str]]
+) -> Middleware:
+    """Refuse every request without the gateway's secret, except the listed (method, path).
+
+    `secret` is one fixed secret, or the rotating set of upstream/trust.py.
+    """
     if not secret:
         raise ValueError("the gateway secret must not be empty")
+    if isinstance(secret, bytes):
+        fixed = secret
+
+        def accepts(presented: bytes) -> bool:
+            return hmac.compare_digest(presented, fixed)
+
+    else:
+        accepts = secret.accepts
 
     @web.middleware
     async def impl(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -102,9 +116,7 @@ def gateway_trust(*, secret: bytes, open_routes: frozenset[tuple[str, str]]) -> 
             return await handler(request)
         presented = request.headers.get(SECRET_HEADER)
         # Constant-time comparison: a timing side channel would leak the secret byte by byte.
-        if presented is None or not hmac.compare_digest(
-            presented.encode("utf-8", "surrogatepass"), secret
-        ):
+        if presented is None or not accepts(presented.encode("utf-8", "surrogatepass")):
             logger.warning(
                 "refused %s %s: reason_id=%s",
                 request.method,

@@ -7,12 +7,16 @@ replaced by the gateway's own, and credentials (Authorization, Cookie) never go 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.pipeline import Denial, RequestContext
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # RFC 9110 section 7.6.1 plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset(
@@ -95,7 +99,7 @@ class ForwardStage:
         *,
         session: aiohttp.ClientSession,
         base_url: str,
-        secret: str,
+        secret: Callable[[], str],
         max_body_bytes: int,
         read_timeout_seconds: float,
     ) -> None:
@@ -116,7 +120,7 @@ class ForwardStage:
             async with self._session.request(
                 ctx.request.method,
                 url,
-                headers=upstream_request_headers(ctx, self._secret),
+                headers=upstream_request_headers(ctx, self._secret()),
                 data=body,
                 allow_redirects=False,
                 timeout=self._timeout,

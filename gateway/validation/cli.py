@@ -150,7 +150,7 @@ def _rows_from_upstream(
 
     async def fetch() -> list[list[float]]:
         async with aiohttp.ClientSession() as session:
-            reader = UpstreamReader(session, config.upstream.url, secret)
+            reader = UpstreamReader(session, config.upstream.url, lambda: secret)
             return await reader.features(
                 args.stream,
                 model.names,

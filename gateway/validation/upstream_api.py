@@ -7,12 +7,15 @@ client's identity. The upstream computes both in DuckDB over the stream's accept
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import aiohttp
 
 from gateway.pipeline import new_request_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 class UpstreamReadError(Exception):
@@ -67,7 +70,7 @@ class UpstreamReader:
 
     session: aiohttp.ClientSession
     base_url: str
-    secret: str
+    secret: Callable[[], str]  # the current shared secret (it may be rotated while we run)
 
     async def stats(
         self, stream: str, fields: tuple[str, ...], window_hours: int, max_records: int
@@ -76,7 +79,7 @@ class UpstreamReader:
         params = [("field", name) for name in fields]
         params += [("window_hours", str(window_hours)), ("max_records", str(max_records))]
         return await get_json(
-            self.session, self.base_url, self.secret, stream_path(stream, "stats"), params,
+            self.session, self.base_url, self.secret(), stream_path(stream, "stats"), params,
             subject="gateway:baseline",
         )  # fmt: skip
 
@@ -87,7 +90,7 @@ class UpstreamReader:
         params = [("field", name) for name in fields]
         params += [("window_hours", str(window_hours)), ("limit", str(limit))]
         document = await get_json(
-            self.session, self.base_url, self.secret, stream_path(stream, "features"), params,
+            self.session, self.base_url, self.secret(), stream_path(stream, "features"), params,
             subject="gateway:anomaly-train", timeout_seconds=120.0,
         )  # fmt: skip
         rows = document.get("rows")
