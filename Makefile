@@ -38,12 +38,13 @@ run: setup ## run the upstream and the gateway in the foreground until Ctrl-C
 test-policy: venv ## run the Rego tests beside the policy
 	$(PY) -m gateway policy test
 
-test-deps: ## the servers the tests start themselves: Debian's redis-server and rsyslog, npm's oidc-provider
+test-deps: ## the servers and browser the tests start themselves: Debian's redis-server, rsyslog and chromium, npm's oidc-provider
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@(command -v rsyslogd || test -x /usr/sbin/rsyslogd) >/dev/null && dpkg -s rsyslog-gnutls >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq rsyslog rsyslog-gnutls)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
 	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	tests/fixtures/oidc_provider/install.sh
 
 test: venv test-deps test-policy ## the Rego tests and the whole pytest suite (real TLS, Redis, an OIDC provider)
@@ -57,10 +58,11 @@ lint: venv sast ## ruff (lint + format check), mypy strict, bandit gate
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and schema micro-benchmarks
+bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and schema micro-benchmarks, console pages
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk not installed: bench/run.py falls back to its Python load generator"
 	$(PY) bench/run.py
+	$(PY) bench/console.py
 	$(PY) bench/eval_anomaly.py
 
 eval-anomaly: venv ## outlier detection quality (precision/recall per method) and per-record cost

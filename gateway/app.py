@@ -8,6 +8,7 @@ and TLS files: every one of them missing would otherwise be a silent allow or a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,15 +16,18 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import keys
 from gateway.activity import ActivityJob, Anomaly
+from gateway.archive.job import ArchiveJob, add_archive_api, gateway_job
 from gateway.audit import HOURLY_QUERY, AuditWriter, protocol_error_event, system_event
 from gateway.auditchain import load_checkpoint_key
 from gateway.auditchain import verify as verify_chains
-from gateway.auditsearch import serve_audit_search
+from gateway.auditsearch import search_events, serve_audit_search
 from gateway.config import ConfigError
+from gateway.console.csp import REPORT_PATH
+from gateway.console.pages import PAGES, Console, disabled_handlers
+from gateway.console.reports import report_stages
 from gateway.identity.accounts import AccountStore, SharedAccounts
 from gateway.identity.bruteforce import LoginGuard
 from gateway.identity.endpoints import ROUTES as IDENTITY_ROUTES
@@ -38,7 +42,7 @@ from gateway.identity.tokens import TokenService
 from gateway.jwks import JwksFetcher
 from gateway.keyring import KeyRing, KeyRingSource
 from gateway.logs import active_mask, register_secret
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, exposition
 from gateway.oidc import discover
 from gateway.pipeline import Denial, Pipeline, Principal
 from gateway.policy.dataapi import add_data_api
@@ -67,6 +71,7 @@ from gateway.validation.baseline import Baselines
 from gateway.validation.outliers import ModelSlots
 from gateway.validation.streams import StreamCatalog, load_streams
 from gateway.validation.upstream_api import UpstreamReader
+from gateway.workers import RemoteSearch, WorkerSlot, start_search_socket
 
 if TYPE_CHECKING:
     import ssl
@@ -76,7 +81,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from gateway.config import GatewayConfig
-    from gateway.pipeline import Stage
+    from gateway.pipeline import RequestContext, Stage
     from gateway.policy import PolicyEngine
 
 log = structlog.get_logger("gateway.app")
@@ -108,6 +113,9 @@ class GatewayState:
     upstream_ok_at: float = 0.0
     api: Pipeline | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    archive: ArchiveJob | None = None  # retention (gateway/archive/), in the audit store's owner
+    console_reports: Pipeline | None = None  # POST /console/csp-report (no credential needed)
+    worker: WorkerSlot = field(default_factory=WorkerSlot)  # which of `serve --workers N`
 
 
 STATE = web.AppKey("gateway_state", GatewayState)
@@ -118,7 +126,7 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
     """Everything that must exist before the gateway may listen; raises with what is missing."""
     engine = build_engine(config)
     metrics = GatewayMetrics()
-    metrics.policy_info.labels(engine.revision).set(1)
+    metrics.set_policy_revision(engine.revision)
     keyring = None
     if config.issuer.enabled:
         keyring = KeyRing(
@@ -127,7 +135,7 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
             retire_after_seconds=retire_after_seconds(config),
         )
         keyring.load()
-        metrics.signing_key_age.set_function(lambda: keyring.active_age_seconds)
+        metrics.watch(metrics.signing_key_age, lambda: keyring.active_age_seconds)
     state = GatewayState(
         config_file=config_file,
         config=config,
@@ -303,7 +311,14 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
             baselines=state.baselines,
             models=state.models,
         ),
-        LocalStage({"audit.search": lambda ctx: serve_audit_search(ctx, state.audit)}),
+        LocalStage(
+            {
+                "audit.search": lambda ctx: serve_audit_search(
+                    ctx, state.audit, _remote_search(state)
+                ),
+                **_console_handlers(state, upstream),
+            }
+        ),
         ForwardStage(
             session=upstream,
             base_url=config.upstream.url,
@@ -312,6 +327,20 @@ def build_stages(state: GatewayState, upstream: aiohttp.ClientSession) -> list[S
             read_timeout_seconds=config.upstream.read_timeout_seconds,
         ),
     ]
+
+
+def _console_handlers(
+    state: GatewayState, upstream: aiohttp.ClientSession
+) -> dict[str, Callable[[RequestContext], Awaitable[web.StreamResponse]]]:
+    """The admin console's pages (gateway/console/), or 404s when it is off."""
+    if not state.config.console.enabled:
+        return disabled_handlers()
+    console = Console(
+        state,
+        upstream=upstream,
+        search=lambda search: search_events(state.audit, search, _remote_search(state)),
+    )
+    return console.handlers()
 
 
 def _revocation(state: GatewayState) -> Revocation | None:
@@ -445,9 +474,16 @@ def build_app(state: GatewayState) -> web.Application:
             raise web.HTTPServiceUnavailable
         return await state.api(request)
 
+    async def serve_csp_report(request: web.Request) -> web.StreamResponse:
+        if state.console_reports is None:
+            raise web.HTTPServiceUnavailable
+        return await state.console_reports(request)
+
     if state.keyring is not None:
         for prefix in ("/.well-known/", "/oauth/", "/auth/"):
             app.router.add_route("*", prefix + "{tail:.*}", serve_identity)
+    if state.config.console.enabled:
+        app.router.add_route("*", REPORT_PATH, serve_csp_report)
     app.router.add_route("*", "/{tail:.*}", serve_api)
     return app
 
@@ -464,17 +500,29 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
         checkpoint_key=state.checkpoint_key,
         forward=shipper.submit if shipper is not None else None,
         mask_text=active_mask().mask_text,
+        handoff=not state.worker.owner,  # another worker owns the DuckDB file
     )
-    state.metrics.audit_backlog.set_function(lambda: state.audit.backlog if state.audit else 0)
+    state.metrics.watch(
+        state.metrics.audit_backlog, lambda: state.audit.backlog if state.audit else 0
+    )
     await state.audit.start()
+    side = await _start_worker_side(state)
     activity = state.config.activity
     job_task = None
-    if activity.enabled and audit_config.db_path is not None:
+    if activity.enabled and state.audit.owns_store:
         job = ActivityJob(state.audit, activity, report=_activity_reporter(state))
         job_task = asyncio.create_task(job.run(), name="activity-job")
+    if state.audit.owns_store:  # one process archives (gateway/archive/): the store's owner
+        state.archive = gateway_job(state)
+        if state.config.retention.enabled:
+            state.archive.start()
     yield
     if job_task is not None:
         job_task.cancel()
+    if state.archive is not None:  # before the store closes; a run stops at its next step
+        await state.archive.close()
+    for stop in side:
+        await stop()
     # Runs after aiohttp has stopped accepting and finished in-flight requests: drain.
     await state.audit.close()
     log.info("audit.drained", written=state.audit.written)
@@ -483,18 +531,55 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("siem.closed", backlog=shipper.backlog, delivered=shipper.delivered)
 
 
+async def _start_worker_side(state: GatewayState) -> list[Callable[[], Awaitable[None]]]:
+    """With several workers: worker 0's search socket, every worker's metric sampling."""
+    stops: list[Callable[[], Awaitable[None]]] = []
+    slot = state.worker
+    if not slot.shared:
+        return stops
+    if state.audit is not None and state.audit.owns_store:
+        runner = await start_search_socket(state.audit, slot.search_socket)
+        stops.append(runner.cleanup)
+    metrics = state.metrics
+
+    async def sample() -> None:
+        while True:
+            metrics.sample()
+            await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(sample(), name="metrics-sample")
+
+    async def stop_sampling() -> None:
+        task.cancel()
+        metrics.sample()  # the last values, for the scrape that follows the drain
+
+    stops.append(stop_sampling)
+    return stops
+
+
+def _remote_search(state: GatewayState) -> RemoteSearch | None:
+    """How a worker without the audit store asks worker 0 (None: this one owns it)."""
+    if state.worker.owner:
+        return None
+    return RemoteSearch(state.worker.search_socket)
+
+
 async def _start_siem(state: GatewayState) -> SiemShipper | None:
     """The SIEM shipper, with its metrics, when [siem] is enabled."""
     config = state.config.siem
     if not config.enabled:
         return None
     metrics = state.metrics
+    if state.worker.shared:  # one spool per process: never two writers on one file
+        config = dataclasses.replace(
+            config, spool_dir=config.spool_dir / f"worker-{state.worker.index}"
+        )
     shipper = SiemShipper(
         config,
         on_failure=lambda _reason: metrics.siem_delivery_failures.inc(),
         on_up=lambda up: metrics.siem_up.set(int(up)),
     )
-    metrics.siem_backlog.set_function(lambda: shipper.backlog)
+    metrics.watch(metrics.siem_backlog, lambda: shipper.backlog)
     await shipper.start()
     return shipper
 
@@ -543,6 +628,10 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     _start_validation(state, upstream)
     stages = build_stages(state, upstream)
     state.api = Pipeline(stages, observers=_observers(state))
+    if config.console.enabled:
+        origins = allowed_origins(config)
+        reports = report_stages(config.console, allowed_origins=origins, pages=PAGES)
+        state.console_reports = Pipeline(reports, observers=_observers(state))
     if state.keyring is not None:
         state.identity_pipeline = Pipeline(
             build_identity_stages(state, stages),
@@ -556,7 +645,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         if config.policy.watch:
             state.background.append(asyncio.create_task(state.reloader.watch()))
     yield
-    state.api = state.identity_pipeline = None
+    state.api = state.identity_pipeline = state.console_reports = None
     for task in state.background:
         task.cancel()
     await upstream.close()
@@ -608,8 +697,7 @@ def _reloader(state: GatewayState) -> PolicyReloader:
     config = state.config
 
     def swap(engine: EmbeddedPolicyEngine) -> None:
-        state.metrics.policy_info.clear()
-        state.metrics.policy_info.labels(engine.revision).set(1)
+        state.metrics.set_policy_revision(engine.revision)
         state.engine = engine  # the authz stage reads it per request: the next one uses it
 
     def report(kind: str, detail: dict[str, Any]) -> None:
@@ -680,8 +768,8 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
     state = api[STATE]
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(state.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = exposition(state.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -742,7 +830,8 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
             "intact": all(r.intact for r in reports),
             "chains": [
                 {"chain": r.chain, "events": r.events, "first_seq": r.first_seq,
-                 "last_seq": r.last_seq, "checkpoints": r.checkpoints, "problems": r.problems}
+                 "last_seq": r.last_seq, "checkpoints": r.checkpoints, "problems": r.problems,
+                 "archived_through": r.archived_through}
                 for r in reports
             ],
         }  # fmt: skip
@@ -750,6 +839,7 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
 
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/audit/verify", audit_verify)
+    add_archive_api(admin, lambda: state.archive)
     admin.router.add_get("/validation/hourly", validation_hourly)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

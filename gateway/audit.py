@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -24,7 +25,7 @@ import structlog
 from gateway.auditchain import Chain, checkpoint_message, key_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS audit_checkpoints (
 )
 """
 _INSERT_CHECKPOINT = (
-    "INSERT INTO audit_checkpoints (chain, seq, hash, signed_at, time, key_id, signature) "
+    "INSERT OR IGNORE INTO audit_checkpoints "  # a reloaded hand-off file: once only
+    "(chain, seq, hash, signed_at, time, key_id, signature) "
     "VALUES (?, ?, ?, ?, CAST(? AS TIMESTAMPTZ), ?, ?)"
 )
 # Measured here: 500 events via read_json of a spooled NDJSON file take ~21 ms; the same as one
@@ -203,6 +205,23 @@ def inbox_dir(db_path: Path) -> Path:
     return db_path.parent / "audit-inbox"
 
 
+HANDOFF_PREFIX = "sealed-"  # inbox files of sealed rows from another worker (not to re-seal)
+
+
+def _write_inbox_file(db_path: Path, name: str, lines: list[str]) -> None:
+    """Write a whole file into the inbox: the writer only ever sees complete files."""
+    inbox = inbox_dir(db_path)
+    inbox.mkdir(parents=True, exist_ok=True)
+    final = inbox / f"{name}.ndjson"
+    tmp = final.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(final)
+
+
 def record_offline(jsonl_path: str, db_path: Path | None, event: dict[str, Any]) -> None:
     """Audit from a process that does not own the audit database (the CLI).
 
@@ -217,16 +236,7 @@ def record_offline(jsonl_path: str, db_path: Path | None, event: dict[str, Any])
             handle.write(line)
     if db_path is None:
         return
-    inbox = inbox_dir(db_path)
-    inbox.mkdir(parents=True, exist_ok=True)
-    final = inbox / f"{event['event_id']}.ndjson"
-    tmp = final.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(final)  # the writer only ever sees whole files
+    _write_inbox_file(db_path, str(event["event_id"]), [line])
 
 
 class AuditWriter:
@@ -246,6 +256,7 @@ class AuditWriter:
         checkpoint_key: Ed25519PrivateKey | None = None,
         forward: Callable[[dict[str, Any]], None] | None = None,
         mask_text: Callable[[str], str] | None = None,
+        handoff: bool = False,
     ) -> None:
         self._stream: IO[str] = sys.stdout if jsonl_path == "-" else _open_append(jsonl_path)
         self._owns_stream = jsonl_path != "-"
@@ -262,6 +273,13 @@ class AuditWriter:
         # Text rules only (JWTs, Bearer credentials, name=value secrets...): client data echoed
         # in a detail (a failing value, a message) must not carry a credential into the trail.
         self._mask_text = mask_text
+        # A worker that does not own the store (gateway/workers.py): its sealed batches go to
+        # the owner's inbox, each closed by a signed checkpoint, instead of into DuckDB.
+        self._handoff = handoff and db_path is not None
+        # One flush at a time (the flusher, a query's flush, close): two would load the same
+        # inbox file twice. Inbox event ids taken into _pending and not yet stored:
+        self._flush_lock = asyncio.Lock()
+        self._taken: set[str] = set()
         self.chain = Chain()
         self.written = 0
 
@@ -270,9 +288,14 @@ class AuditWriter:
         """Events written as JSON lines but not yet in DuckDB."""
         return len(self._pending)
 
+    @property
+    def owns_store(self) -> bool:
+        """Whether this process holds the DuckDB file (queries run here)."""
+        return self._db is not None
+
     async def start(self) -> None:
         """Open the audit table (off the loop) and start the periodic flusher."""
-        if self._db_path is not None:
+        if self._db_path is not None and not self._handoff:
             self._db = await asyncio.to_thread(_open_db, self._db_path)
         self._task = asyncio.create_task(self._flush_periodically(), name="audit-flusher")
 
@@ -286,7 +309,7 @@ class AuditWriter:
         self._queue(event, line)
 
     def _queue(self, event: dict[str, Any], line: str) -> None:
-        if self._db is not None:
+        if self._db is not None or self._handoff:
             # The row's columns and, in `raw`, the exact sealed JSON the hash covers.
             self._pending.append(line[:-2] + ',"raw":' + json.dumps(line[:-1]) + "}\n")
             if len(self._pending) >= self._batch_size:
@@ -300,19 +323,33 @@ class AuditWriter:
 
     async def flush(self) -> None:
         """Write what is pending to DuckDB, then a signed checkpoint of the head, in a thread."""
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._handoff:
+            await self._hand_off()
+            return
         if self._db is None:
             return
         loaded: list[Path] = []
+        checkpoints: list[list[Any]] = []
         if self._db_path is not None and inbox_dir(self._db_path).is_dir():
-            loaded, events = await asyncio.to_thread(_read_inbox, self._db, self._db_path)
-            for event in events:  # sealed here, on the loop, like every other event
+            inbox = await asyncio.to_thread(_read_inbox, self._db, self._db_path, self._taken)
+            loaded, checkpoints = inbox.files, inbox.checkpoints
+            self._taken |= inbox.event_ids  # pending now, not to be taken again
+            self._pending.extend(inbox.sealed_rows)  # other workers' rows, sealed there
+            for event in inbox.events:  # sealed here, on the loop, like every other event
                 self._queue(event, self.chain.seal(event) + "\n")
         if not self._pending:
+            for path in loaded:
+                path.unlink(missing_ok=True)  # files whose events were all in already
             return
         batch, self._pending = self._pending, []
-        checkpoint = self._checkpoint()
+        own = self._checkpoint()
+        checkpoints = [*checkpoints, own] if own is not None else checkpoints
         try:
-            await asyncio.to_thread(_insert, self._db, batch, self._spool, checkpoint)
+            await asyncio.to_thread(_insert, self._db, batch, self._spool, checkpoints)
         except Exception:
             # Keep the events for the next attempt rather than drop them.
             self._pending[:0] = batch
@@ -320,7 +357,34 @@ class AuditWriter:
             raise
         for path in loaded:
             path.unlink(missing_ok=True)  # only once their rows are in
+        self._taken.clear()
         self.written += len(batch)
+
+    async def _hand_off(self) -> None:
+        """A worker without the store: leave the batch and its checkpoint in the owner's inbox."""
+        if not self._pending or self._db_path is None:
+            return
+        batch, self._pending = self._pending, []
+        checkpoint = self._checkpoint()
+        name = f"{HANDOFF_PREFIX}{self.chain.chain_id.replace(':', '_')}-{self.chain.seq:012d}"
+        lines = [*batch]
+        if checkpoint is not None:
+            lines.append(json.dumps({"checkpoint": checkpoint}) + "\n")
+        try:
+            await asyncio.to_thread(_write_inbox_file, self._db_path, name, lines)
+        except OSError:
+            self._pending[:0] = batch  # kept for the next attempt, never dropped
+            log.exception("audit.handoff_failed", pending=len(self._pending))
+            raise
+        self.written += len(batch)
+
+    async def search(
+        self, work: Callable[[duckdb.DuckDBPyConnection], T], remote: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run a read here when this process owns the store, else ask the owner (`remote`)."""
+        if self._db is not None:
+            return await self.run(work)
+        return await remote()
 
     def _checkpoint(self) -> list[Any] | None:
         """The signed checkpoint row of the chain's current head (None without a key)."""
@@ -422,38 +486,65 @@ def _query(
         cursor.close()
 
 
-def _read_inbox(
-    connection: duckdb.DuckDBPyConnection, db_path: Path
-) -> tuple[list[Path], list[dict[str, Any]]]:
-    """The inbox files, and the events in them not loaded yet.
+@dataclass
+class _Inbox:
+    """What the inbox holds that is not in the store yet."""
 
-    A crash between the insert and the unlink must not load an event twice.
+    files: list[Path] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # from the CLI: to be sealed
+    sealed_rows: list[str] = field(default_factory=list)  # from other workers: as they are
+    checkpoints: list[list[Any]] = field(default_factory=list)
+    event_ids: set[str] = field(default_factory=set)  # of events and sealed rows
+
+
+def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set[str]) -> _Inbox:
+    """The inbox files, and the events and rows in them neither stored nor `taken` yet.
+
+    A crash between the insert and the unlink must not load an event twice, nor a failed
+    insert (whose events wait in the writer's pending batch) make them pending twice.
     """
-    files = sorted(inbox_dir(db_path).glob("*.ndjson"))
+    inbox = _Inbox(files=sorted(inbox_dir(db_path).glob("*.ndjson")))
     events: dict[str, dict[str, Any]] = {}
-    for path in files:
+    rows: dict[str, str] = {}
+
+    def unseen(event_id: str) -> bool:
+        seen = connection.execute(
+            "SELECT count(*) FROM audit_events WHERE event_id = ?", [event_id]
+        ).fetchone()
+        return seen is not None and seen[0] == 0
+
+    for path in inbox.files:
+        sealed = path.name.startswith(HANDOFF_PREFIX)
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
-            event = json.loads(line)
-            event_id = str(event.get("event_id"))
-            seen = connection.execute(
-                "SELECT count(*) FROM audit_events WHERE event_id = ?", [event_id]
-            ).fetchone()
-            if seen is not None and seen[0] == 0:
-                events.setdefault(event_id, event)
-    return files, list(events.values())
+            item = json.loads(line)
+            if sealed and "checkpoint" in item:
+                inbox.checkpoints.append(item["checkpoint"])
+                continue
+            event_id = str(item.get("event_id"))
+            if event_id in events or event_id in rows or event_id in taken:
+                continue
+            if not unseen(event_id):
+                continue
+            if sealed:
+                rows[event_id] = line + "\n"
+            else:
+                events[event_id] = item
+    inbox.events, inbox.sealed_rows = list(events.values()), list(rows.values())
+    inbox.event_ids = set(events) | set(rows)
+    return inbox
 
 
 def _insert(
     connection: duckdb.DuckDBPyConnection,
     lines: list[str],
     spool: Path,
-    checkpoint: list[Any] | None = None,
+    checkpoints: list[list[Any]] | None = None,
 ) -> None:
     """Spool the batch as NDJSON beside the database; DuckDB reads it in one statement.
 
-    The checkpoint of the batch's last event goes in the same transaction.
+    The checkpoints of the batch's chains go in the same transaction.
     """
     fd, name = tempfile.mkstemp(prefix=".audit-batch-", suffix=".ndjson", dir=spool)
     try:
@@ -463,7 +554,7 @@ def _insert(
         try:
             cursor.begin()
             cursor.execute(_INSERT, [name])
-            if checkpoint is not None:
+            for checkpoint in checkpoints or ():
                 cursor.execute(_INSERT_CHECKPOINT, checkpoint)
             cursor.commit()
         except Exception:

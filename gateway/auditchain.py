@@ -6,7 +6,9 @@ workers never contend for a head. Every event gets `chain`, `seq` (1, 2, ...), `
 canonical JSON (sorted keys, no spaces, UTF-8) without `hash`. The row keeps that JSON in
 `raw`, so a verifier recomputes the hash from exactly what was sealed and checks the queryable
 columns against it. Checkpoints sign (chain, seq, hash, time) with an Ed25519 key: a verifier
-holding the public key can tell a real head from a rewritten one.
+holding the public key can tell a real head from a rewritten one. Archival (gateway/archive/)
+removes a chain's oldest rows only together with a signed archive anchor (chain, seq, hash of
+the last archived row): the kept rows must link to it, and rows deleted without one still show.
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ def checkpoint_message(chain: str, seq: int, head: str, at: str) -> bytes:
     return f"emp-audit-checkpoint:v1:{chain}:{seq}:{head}:{at}".encode()
 
 
+def anchor_message(chain: str, seq: int, head: str, at: str) -> bytes:
+    """The bytes an archive anchor signs (its own prefix: a checkpoint is not an anchor)."""
+    return f"emp-audit-anchor:v1:{chain}:{seq}:{head}:{at}".encode()
+
+
+# Written by the archival job in the transaction that deletes the archived rows.
+ANCHORS_TABLE = """
+CREATE TABLE IF NOT EXISTS audit_archive_anchors (
+    chain VARCHAR NOT NULL, seq BIGINT NOT NULL, hash VARCHAR NOT NULL, signed_at VARCHAR NOT NULL,
+    key_id VARCHAR NOT NULL, signature VARCHAR NOT NULL, archive VARCHAR NOT NULL,
+    PRIMARY KEY (chain, seq)
+)
+"""
+
+
 def key_id(public: Ed25519PublicKey) -> str:
     """A short id of a checkpoint public key: the first 16 hex of SHA-256 of its raw bytes."""
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -119,6 +136,7 @@ class ChainReport:
     first_seq: int = 0
     last_seq: int = 0
     checkpoints: int = 0
+    archived_through: int = 0  # the newest archive anchor's seq (0: nothing archived)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -138,10 +156,15 @@ def verify(
         "WHERE chain IS NOT NULL ORDER BY chain, seq"
     ).fetchall()
     reports: dict[str, ChainReport] = {}
-    previous: dict[str, tuple[int, str]] = {}
+    previous = _anchors(connection, reports, public)  # an archived chain links to its anchor
     for row in rows:
         chain, seq, prev_hash, stored_hash, raw = row[:5]
-        report = reports.setdefault(chain, ChainReport(chain, first_seq=seq))
+        report = reports.setdefault(chain, ChainReport(chain))
+        if seq <= report.archived_through:
+            report.problems.append(f"seq {seq}: present though archived (re-inserted)")
+            continue
+        if not report.events:
+            report.first_seq = seq
         report.events += 1
         report.last_seq = seq
         _check_row(report, previous.get(chain), seq, prev_hash, stored_hash, raw, row[5:])
@@ -206,6 +229,36 @@ def _same(name: str, column: Any, sealed: Any) -> bool:
     if isinstance(column, float) and isinstance(sealed, int | float):
         return math.isclose(column, sealed, rel_tol=0, abs_tol=1e-9)
     return bool(column == sealed)
+
+
+def _anchors(
+    connection: duckdb.DuckDBPyConnection,
+    reports: dict[str, ChainReport],
+    public: Ed25519PublicKey | None,
+) -> dict[str, tuple[int, str]]:
+    """Each chain's newest validly signed archive anchor: (seq, hash) its kept rows link to."""
+    found = connection.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'audit_archive_anchors'"
+    ).fetchone()
+    if not found or not found[0]:
+        return {}
+    rows = connection.execute(
+        "SELECT chain, seq, hash, signed_at, signature FROM audit_archive_anchors "
+        "ORDER BY chain, seq"
+    ).fetchall()
+    newest: dict[str, tuple[int, str]] = {}
+    for chain, seq, head, at, signature in rows:
+        report = reports.setdefault(chain, ChainReport(chain))
+        if public is not None:
+            try:
+                public.verify(bytes.fromhex(signature), anchor_message(chain, seq, head, at))
+            except (InvalidSignature, ValueError):
+                # A forged anchor must not excuse deleted rows: they then show as missing.
+                report.problems.append(f"archive anchor at seq {seq}: bad signature")
+                continue
+        newest[chain] = (seq, head)
+        report.archived_through = seq
+    return newest
 
 
 def _check_checkpoints(

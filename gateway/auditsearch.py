@@ -15,6 +15,8 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+import structlog
 from aiohttp import web
 from multidict import MultiDict
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
     from gateway.audit import AuditWriter
     from gateway.pipeline import RequestContext
+    from gateway.workers import RemoteSearch
+
+log = structlog.get_logger("gateway.auditsearch")
 
 _FILTERS = {"subject", "decision", "reason_id", "route", "kind"}
 _PARAMS = _FILTERS | {"since", "until", "limit", "cursor", "format"}
@@ -139,12 +144,37 @@ def _event(row: tuple[Any, ...]) -> dict[str, Any]:
     return event
 
 
-async def serve_audit_search(ctx: RequestContext, audit: AuditWriter | None) -> web.Response:
-    """Answer one search in the format asked for."""
-    search = parse_search(ctx.query)
+async def search_events(
+    audit: AuditWriter | None, search: dict[str, Any], remote: RemoteSearch | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of events (newest first) and the next cursor, wherever the store is.
+
+    Here, or with the worker that owns it (`remote`, gateway/workers.py).
+    """
     if audit is None:
         raise Denial("internal.error", "the audit store is not open")
-    items, following = await audit.run(lambda cursor: run_search(cursor, search))
+
+    async def ask_owner() -> tuple[list[dict[str, Any]], str | None]:
+        if remote is None:
+            raise Denial("internal.error", "the audit store is not open")
+        try:
+            return await remote(search)
+        except (OSError, RuntimeError, aiohttp.ClientError) as exc:
+            log.warning("audit.search_unavailable", error=type(exc).__name__)
+            raise Denial("internal.error", "the audit store is not reachable") from None
+
+    return await audit.search(lambda cursor: run_search(cursor, search), ask_owner)
+
+
+async def serve_audit_search(
+    ctx: RequestContext, audit: AuditWriter | None, remote: RemoteSearch | None = None
+) -> web.Response:
+    """Answer one search in the format asked for.
+
+    `remote` runs the search where the store is when another worker owns it (workers.py).
+    """
+    search = parse_search(ctx.query)
+    items, following = await search_events(audit, search, remote)
     headers = {"Cache-Control": "no-store", "X-Request-Id": ctx.request_id}
     if following is not None:
         headers["X-Next-Cursor"] = following

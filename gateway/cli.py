@@ -26,7 +26,9 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
 from gateway.oidc import DiscoveryError
 from gateway.policy import PolicyError
+from gateway.secrets.providers import SecretError
 from gateway.validation import anomaly
+from gateway.workers import SUPERVISOR_ENV, WorkerSlot, check_worker_config, supervise
 
 log = structlog.get_logger("gateway.cli")
 
@@ -47,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         # `gateway users list | head`: the reader left; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, DiscoveryError, PolicyError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError, DiscoveryError, PolicyError, SecretError, FileNotFoundError, ValueError,
+    ) as exc:  # fmt: skip
         print(f"gateway: {exc}", file=sys.stderr)  # noqa: T201
         return 2
 
@@ -143,6 +147,11 @@ def _add_serve(sub: Any) -> None:
         action="store_true",
         help="with tls.enabled = false in production: listen in plain HTTP (warned, metered)",
     )
+    serve.add_argument(
+        "--workers", type=int, default=1,
+        help="processes sharing the ports (SO_REUSEPORT); more than 1 needs Redis state",
+    )  # fmt: skip
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # "I/N": set by the supervisor
     serve.set_defaults(func=cmd_serve)
 
 
@@ -155,6 +164,9 @@ def _add_audit(sub: Any) -> None:
     )
     verify.add_argument("--db", type=Path, help="default: audit.db_path (stop the gateway first)")
     verify.set_defaults(func=cmd_audit_verify)
+    from gateway.archive.cli import register  # noqa: PLC0415 - `archive run`: the trail's retention
+
+    register(sub)
 
 
 def cmd_setup(config: GatewayConfig, args: argparse.Namespace) -> int:
@@ -196,9 +208,10 @@ def print_chain_reports(reports: list[Any]) -> int:
     """One line per chain and one per problem; the exit status (1 when anything is broken)."""
     for report in reports:
         state = "intact" if report.intact else f"BROKEN ({len(report.problems)} problems)"
+        archived = f" (1-{report.archived_through} archived)" if report.archived_through else ""
         print(  # noqa: T201
             f"chain {report.chain}: {report.events} events, seq {report.first_seq}-"
-            f"{report.last_seq}, {report.checkpoints} checkpoints: {state}"
+            f"{report.last_seq}{archived}, {report.checkpoints} checkpoints: {state}"
         )
         for problem in report.problems:
             print(f"  {problem}")  # noqa: T201
@@ -343,16 +356,16 @@ def cmd_policy_test(config: GatewayConfig, args: argparse.Namespace) -> int:
 
 def cmd_policy_replay(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Replay recorded decisions against a candidate policy; 1 on deny->allow unless accepted."""
-    from gateway.policy.decisionlog import read_events  # noqa: PLC0415 - regopy only when asked
+    from gateway.policy.decisionlog import read_log, segments  # noqa: PLC0415 - regopy only when asked
     from gateway.policy.embedded import EmbeddedPolicyEngine  # noqa: PLC0415
     from gateway.policy.replay import parse_duration, render, replay  # noqa: PLC0415
 
     since = parse_duration(args.since) if args.since else None
     log_file: Path = args.log or config.decision_log.path
-    if not log_file.exists():
+    if not log_file.exists() and not segments(log_file):
         raise FileNotFoundError(f"{log_file}: no decision log (decision_log.path)")
     engine = EmbeddedPolicyEngine.from_directory(args.policies, config.policy.entrypoint)
-    report = replay(read_events(log_file), engine, since=since)
+    report = replay(read_log(log_file), engine, since=since)  # rotated segments too
     print(render(report, args.policies))  # noqa: T201
     if report.widened_count and not args.accept_widening:
         print("refused: decisions flip from deny to allow (review, then --accept-widening)")  # noqa: T201
@@ -381,11 +394,36 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> int:
     except tls.PlaintextRefused as exc:
         print(f"gateway: refusing to start: {exc}", file=sys.stderr)  # noqa: T201
         return 2
-    return asyncio.run(_serve(config, args.config, plain=plain))
+    if args.worker is None:
+        check_worker_config(config, args.workers)
+        if args.workers > 1:
+            return supervise(
+                config, args.config, workers=args.workers, allow_plaintext=args.allow_plaintext
+            )
+        slot = WorkerSlot(run_dir=config.server.run_dir)
+    else:
+        slot = WorkerSlot.parse(args.worker, config.server.run_dir)
+    return asyncio.run(_serve(config, args.config, plain=plain, slot=slot))
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed with SIGKILL) stops itself, draining as usual."""
+    # The supervisor says who it is: a worker still starting when it died must notice too.
+    parent = int(os.environ.get(SUPERVISOR_ENV, os.getppid()))
+    while True:  # polled: Linux has no event for a parent's death short of prctl(PDEATHSIG)
+        if os.getppid() != parent:
+            break
+        await asyncio.sleep(1.0)
+    log.warning("workers.orphaned", supervisor=parent)
+    stop.set()
 
 
 async def _serve(
-    config: GatewayConfig, config_file: Path | None = None, *, plain: bool = False
+    config: GatewayConfig,
+    config_file: Path | None = None,
+    *,
+    plain: bool = False,
+    slot: WorkerSlot | None = None,
 ) -> int:
     from gateway.app import (  # noqa: PLC0415 - serve-only imports stay off `token mint`
         build_admin_app,
@@ -397,6 +435,7 @@ async def _serve(
     from gateway.server import GatewayRunner  # noqa: PLC0415
 
     state = load_state(config, config_file)
+    state.worker = slot or WorkerSlot(run_dir=config.server.run_dir)
     ssl_context = None if plain else tls.server_context(config.tls)
     if plain:
         # At every start, and as a metric, for as long as it lasts.
@@ -409,16 +448,21 @@ async def _serve(
     runners: list[web.AppRunner] = []
     # Admin first (health answers "not ready" until the API is up), redirect last. Only the API
     # audits protocol errors; the others still answer them without echoing the request.
-    plan: list[tuple[web.Application, str, int, object, Any]] = [
-        (build_admin_app(api), server.admin_host, server.admin_port, None, None),
-        (api, server.host, server.https_port, ssl_context, protocol_error_hook(api)),
-    ]
+    plan: list[tuple[web.Application, str, int, object, Any]] = []
+    if state.worker.owner:  # with several workers, worker 0 answers for all (metrics added up)
+        plan.append((build_admin_app(api), server.admin_host, server.admin_port, None, None))
+    plan.append((api, server.host, server.https_port, ssl_context, protocol_error_hook(api)))
     if server.http_port and not plain:
         plan.append((build_redirect_app(config), server.host, server.http_port, None, None))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = (
+        asyncio.create_task(_stop_when_orphaned(stop), name="orphan-watch")
+        if state.worker.shared
+        else None
+    )
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload_policies() -> None:
@@ -444,12 +488,19 @@ async def _serve(
             )
             await runner.setup()
             runners.append(runner)
-            await web.TCPSite(runner, host, port, ssl_context=context).start()  # type: ignore[arg-type]
+            # Several workers bind the same ports; the kernel spreads the connections.
+            reuse = state.worker.shared and port != server.admin_port
+            site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=reuse or None)  # type: ignore[arg-type]
+            await site.start()
         scheme = "http" if plain else "https"
+        state.worker.mark_listening()
+        admin = f"http://{server.admin_host}:{server.admin_port}" if state.worker.owner else None
         log.info("gateway.listening", api=f"{scheme}://{server.host}:{server.https_port}",
-                 admin=f"http://{server.admin_host}:{server.admin_port}",
+                 admin=admin, worker=f"{state.worker.index}/{state.worker.count}",
                  policy_revision=state.engine.revision)  # fmt: skip
         await stop.wait()
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         log.info("gateway.stopping")
     finally:
         # Stop taking requests, finish in-flight ones, then drain the audit queue (cleanup_ctx).

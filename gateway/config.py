@@ -34,6 +34,8 @@ class ServerConfig:
     admin_port: int = 9464
     public_name: str = "localhost"
     environment: Literal["development", "production"] = "development"
+    # `serve --workers N`: worker 0's audit-search socket and the multiprocess metrics files.
+    run_dir: Path = Path("var/run")
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,46 @@ class SecretsConfig:
     certificate_min_days: float = 21.0
     limits: tuple[SecretAgeLimit, ...] = ()
     refresh_seconds: float = 60.0  # how often the running gateway re-reads the ages
+    # The encrypted local keystore (`keystore:NAME` references, `gateway secrets keystore`).
+    keystore_file: Path = Path("var/secrets/keystore.json")
+    master_key_file: Path = Path("var/secrets/keystore.master")
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long the gateway keeps its records before archiving them (docs/security/retention.md).
+
+    Rows older than a window are exported to Parquet under archive_dir, verified, and only then
+    deleted. A window is whole days, at least 1: no value means "delete everything". The EMP
+    service's tables have their windows in its own config (config/upstream.toml); with
+    upstream = true each run asks it to archive them.
+    """
+
+    enabled: bool = True  # the periodic run in the gateway; `gateway archive run` works either way
+    interval_seconds: float = 86_400.0
+    start_delay_seconds: float = 300.0  # the first run after a start (deploys restart it daily)
+    archive_dir: Path = Path("var/archive")
+    audit_days: int = 365
+    decision_log_days: int = 90
+    upstream: bool = True
+    upstream_timeout_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The admin console under /console and its Content-Security-Policy (docs/console.md).
+
+    csp_mode "enforce" blocks what the policy forbids; "report-only" only reports it (to
+    /console/csp-report, counted and audited), and in production needs
+    allow_report_only_in_production. report_limit bounds the reports per client address.
+    """
+
+    enabled: bool = True
+    csp_mode: Literal["enforce", "report-only"] = "enforce"
+    allow_report_only_in_production: bool = False
+    report_max_bytes: int = 16_384
+    report_limit: str = "60/minute"  # the `limits` library's notation, per client address
+    page_size: int = 50  # audit events per console page
 
 
 @dataclass(frozen=True)
@@ -370,6 +412,8 @@ class GatewayConfig:
     activity: ActivityConfig = field(default_factory=ActivityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
 
 T = TypeVar("T")
@@ -490,6 +534,8 @@ def _check(config: GatewayConfig) -> None:
     _check_siem(config.siem)
     _check_logging(config.logging)
     _check_secrets(config.secrets)
+    _check_retention(config.retention)
+    _check_console(config)
     for pointer in (*config.decision_log.erase, *config.decision_log.mask):
         if not pointer.startswith("/input/"):
             raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
@@ -508,6 +554,53 @@ def _check_secrets(secrets: SecretsConfig) -> None:
             raise ConfigError(f"secrets.limits: {limit.secret!r}: empty, duplicate or a "
                               '"*" that is not at the end')  # fmt: skip
         seen.add(limit.secret)
+
+
+def _check_console(config: GatewayConfig) -> None:
+    import limits  # noqa: PLC0415 - only to read the notation; config stays light
+
+    console = config.console
+    production = config.server.environment == "production"
+    if (
+        console.csp_mode == "report-only"
+        and production
+        and not console.allow_report_only_in_production
+    ):
+        # Report-only blocks nothing: in production it must be a deliberate, visible choice.
+        raise ConfigError(
+            'console.csp_mode = "report-only" in production needs '
+            "console.allow_report_only_in_production = true"
+        )
+    if not 1024 <= console.report_max_bytes <= 1_048_576:  # noqa: PLR2004 - one report .. a flood
+        raise ConfigError("console.report_max_bytes must be from 1024 to 1048576")
+    if not 1 <= console.page_size <= 500:  # noqa: PLR2004 - a page a browser renders quickly
+        raise ConfigError("console.page_size must be from 1 to 500")
+    try:
+        limits.parse(console.report_limit)
+    except ValueError:
+        raise ConfigError(
+            f'console.report_limit: {console.report_limit!r} is not like "60/minute"'
+        ) from None
+
+
+MAX_RETENTION_DAYS = 36_500  # a century: beyond it a typo, not a policy
+
+
+def _check_retention(retention: RetentionConfig) -> None:
+    for name in ("audit_days", "decision_log_days"):
+        days = getattr(retention, name)
+        if not 1 <= days <= MAX_RETENTION_DAYS:
+            # 0 would archive (and delete) every row at once: never what a typo should do.
+            raise ConfigError(
+                f"retention.{name} = {days}: a window is 1 to {MAX_RETENTION_DAYS} days; "
+                "to stop the periodic run set retention.enabled = false"
+            )
+    if retention.interval_seconds < 60 or retention.start_delay_seconds < 0:  # noqa: PLR2004
+        raise ConfigError(
+            "retention.interval_seconds must be at least 60 and start_delay_seconds 0 or more"
+        )
+    if retention.upstream_timeout_seconds <= 0:
+        raise ConfigError("retention.upstream_timeout_seconds must be positive")
 
 
 def _check_logging(logging: LoggingConfig) -> None:

@@ -6,16 +6,40 @@ request data, so a client cannot blow up the series count.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.pipeline import RequestContext
     from gateway.secrets.inventory import SecretState
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _EVAL_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05)
+
+
+# Set by `serve --workers N` for each worker before it starts (gateway/workers.py); when set,
+# prometheus_client keeps every value in files there, and /metrics adds them up.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The /metrics body and content type: this process's, or every worker's added up."""
+    if MULTIPROCESS_DIR:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class GatewayMetrics:
@@ -24,6 +48,7 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._watched: list[tuple[Gauge, Callable[[], float]]] = []
         r = self.registry
         self.requests = Counter(
             "gateway_requests", "Requests by route, status and decision",
@@ -61,7 +86,7 @@ class GatewayMetrics:
         )  # fmt: skip
         self.signing_key_age = Gauge(
             "gateway_signing_key_age_seconds", "Age of the built-in issuer's active signing key",
-            registry=r,
+            multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
         self.auth_events = Counter(
             "gateway_auth_events", "Authentication events by kind and outcome",
@@ -95,15 +120,18 @@ class GatewayMetrics:
         # The audit trail and its shipping to the SIEM (docs/observability.md).
         self.audit_backlog = Gauge(
             "gateway_audit_backlog", "Audit events written as JSON lines but not yet in DuckDB",
-            registry=r,
+            multiprocess_mode="livesum", registry=r,
         )  # fmt: skip
         self.siem_backlog = Gauge(
             "gateway_siem_backlog",
             "Audit events not yet delivered to the SIEM (in memory and spooled to disk)",
-            registry=r,
+            multiprocess_mode="livesum", registry=r,
         )  # fmt: skip
         self.siem_up = Gauge(
-            "gateway_siem_up", "1 when the SIEM connection is up, 0 when it is not", registry=r
+            "gateway_siem_up",
+            "1 when the SIEM connection is up, 0 when it is not",
+            multiprocess_mode="livemin",
+            registry=r,
         )
         self.siem_delivery_failures = Counter(
             "gateway_siem_delivery_failures",
@@ -118,40 +146,104 @@ class GatewayMetrics:
         # Secrets (gateway/secrets/inventory.py): names come from config, never from requests.
         self.secret_age = Gauge(
             "gateway_secret_age_seconds", "Age of each secret the gateway holds (`secrets check`)",
-            ["secret"], registry=r,
+            ["secret"], multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
         self.secret_max_age = Gauge(
             "gateway_secret_max_age_seconds", "Each secret's age limit from config (secrets.*)",
-            ["secret"], registry=r,
+            ["secret"], multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
         self.certificate_expiry = Gauge(
             "gateway_certificate_expiry_timestamp_seconds",
             "When each certificate the gateway uses stops being valid (Unix time)",
-            ["certificate"], registry=r,
+            ["certificate"], multiprocess_mode="livemin", registry=r,
         )  # fmt: skip
         self.secrets_failing = Gauge(
             "gateway_secrets_failing",
             "Secrets overdue, expiring, expired, missing or unreadable (`secrets check` exits 1)",
-            registry=r,
+            multiprocess_mode="livemax", registry=r,
         )  # fmt: skip
         self.tls_enabled = Gauge(
             "gateway_tls_enabled",
             "1 when the API listens with TLS; 0 when started with --allow-plaintext",
-            registry=r,
+            multiprocess_mode="livemin", registry=r,
         )  # fmt: skip
         self.tls_enabled.set(1)
+        # The console's CSP reports (gateway/console/reports.py): labels from closed sets.
+        self.csp_violations = Counter(
+            "gateway_csp_violations",
+            "CSP violations browsers reported on console pages, by directive and disposition "
+            "(enforce: blocked; report: report-only)", ["directive", "disposition"], registry=r,
+        )  # fmt: skip
+        self.csp_reports_dropped = Counter(
+            "gateway_csp_reports_dropped",
+            "CSP report bodies dropped unread: their address sent more than console.report_limit",
+            registry=r,
+        )  # fmt: skip
+        # Retention (gateway/archive/): table names from a closed set in gateway/archive/job.py.
+        self.archive_rows = Counter(
+            "gateway_archive_rows",
+            "Rows archived to verified Parquet and then deleted, by table", ["table"], registry=r,
+        )  # fmt: skip
+        self.archive_runs = Counter(
+            "gateway_archive_runs", "Archival runs by outcome (completed, failed)", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.archive_last_success = Gauge(
+            "gateway_archive_last_success_timestamp_seconds",
+            "When the last archival run in which no table failed ended (Unix time)",
+            multiprocess_mode="livemax", registry=r,
+        )  # fmt: skip
+        for outcome in ("completed", "failed"):  # a first failure is then an increase
+            self.archive_runs.labels(outcome)
         for outcome in ("accepted", "rejected"):  # both series exist from the start: the
             self.policy_reloads.labels(outcome)  # first rejected reload is then an increase
         self.policy_info = Gauge(
-            "gateway_policy_revision_info", "The loaded policy revision", ["revision"], registry=r
+            "gateway_policy_revision_info",
+            "The loaded policy revision",
+            ["revision"],
+            multiprocess_mode="livemax",
+            registry=r,
         )
+
+    def watch(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        """Let `gauge` show `value()`.
+
+        Read at each scrape; with several workers (values in files) written by `sample()`.
+        """
+        if MULTIPROCESS_DIR:
+            self._watched.append((gauge, value))
+        else:
+            gauge.set_function(value)
+
+    def sample(self) -> None:
+        """Write the watched gauges' current values (multiprocess mode)."""
+        for gauge, value in self._watched:
+            gauge.set(value())
+
+    def set_policy_revision(self, revision: str) -> None:
+        """1 for the loaded revision; earlier ones go (with workers, to 0: files keep them)."""
+        if MULTIPROCESS_DIR:
+            for labels in list(self.policy_info._metrics):  # noqa: SLF001 - the set label values
+                self.policy_info.labels(*labels).set(0)
+        else:
+            self.policy_info.clear()
+        self.policy_info.labels(revision).set(1)
+
+    def observe_archive(self, outcome: str, rows: dict[str, int], finished_at: float) -> None:
+        """An archival run: its outcome, rows by table, and (if nothing failed) when it ended."""
+        self.archive_runs.labels(outcome).inc()
+        for table, count in rows.items():
+            if count:
+                self.archive_rows.labels(table).inc(count)
+        if outcome == "completed":
+            self.archive_last_success.set(finished_at)
 
     def observe_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: the request counters and histograms."""
         route = ctx.route_name
         if "would_deny" in ctx.detail:
             self._child(self.would_deny, route).inc()
-        if ctx.event != "request":
+        if ctx.event.startswith("auth."):
             outcome = "failure" if ctx.reason_id else "success"
             self._child(self.auth_events, ctx.event, outcome).inc()
             if ctx.detail.get("lockout"):
@@ -159,6 +251,9 @@ class GatewayMetrics:
         summary = ctx.detail.get("validation")
         if summary is not None:
             self.observe_records(summary, stored=not ctx.reason_id)
+        csp = ctx.detail.get("csp")
+        if csp is not None:
+            self.observe_csp(csp)
         self._child(self.latency, route).observe(ctx.elapsed_ms / 1000.0)
         if ctx.decision is not None:
             self.policy_eval.observe(ctx.decision.eval_us / 1e6)
@@ -167,6 +262,13 @@ class GatewayMetrics:
             self._child(self.requests, route, str(ctx.status), "allow").inc()
             return
         self.observe_refusal(route, ctx.status, ctx.reason_id)
+
+    def observe_csp(self, csp: dict[str, Any]) -> None:
+        """Count the CSP reports of one POST /console/csp-report (or its dropping)."""
+        if csp.get("dropped"):
+            self.csp_reports_dropped.inc()
+        for violation in csp.get("violations", ()):
+            self._child(self.csp_violations, violation["directive"], violation["disposition"]).inc()
 
     def observe_records(self, summary: dict[str, Any], *, stored: bool) -> None:
         """Count a batch's records by outcome and rule (validate stage's summary)."""
@@ -211,10 +313,15 @@ class GatewayMetrics:
             self._child(self.upstream_errors, reason).inc()
 
     def observe_secrets(self, states: list[SecretState]) -> None:
-        """Set the secret-age and certificate-expiry gauges from a fresh inventory."""
-        self.secret_age.clear()
-        self.secret_max_age.clear()
-        self.certificate_expiry.clear()
+        """Set the secret-age and certificate-expiry gauges from a fresh inventory.
+
+        One process drops the series of secrets that are gone; with several workers the
+        files keep them until the next start (prometheus_client cannot clear there).
+        """
+        if not MULTIPROCESS_DIR:
+            self.secret_age.clear()
+            self.secret_max_age.clear()
+            self.certificate_expiry.clear()
         for state in states:
             if state.expires_at is not None:
                 self.certificate_expiry.labels(state.name).set(state.expires_at)

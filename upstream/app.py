@@ -10,10 +10,12 @@ from pathlib import Path
 
 from aiohttp import web
 
+from upstream.archive.tables import Archiver
 from upstream.config import UpstreamConfig
 from upstream.database import Database
 from upstream.middlewares import gateway_trust, json_errors, request_id_echo
 from upstream.routes import add_routes
+from upstream.routes.archive import ARCHIVER
 from upstream.routes.common import DATABASE
 from upstream.routes.health import HEALTH_PATH
 from upstream.trust import TrustedSecrets
@@ -46,5 +48,6 @@ def create_app(config: UpstreamConfig) -> web.Application:
         client_max_size=MAX_BODY_BYTES,
     )
     app.cleanup_ctx.append(database_context(config.database.path))
+    app[ARCHIVER] = Archiver(config.retention)  # POST /internal/archive, asked by the gateway
     add_routes(app)
     return app

@@ -41,12 +41,26 @@ class TrustConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long ingest rows stay before `POST /internal/archive` moves them to Parquet.
+
+    Windows are whole days, at least 1 (docs/security/retention.md). Quarantined records are
+    counted from their review; a pending record is never archived.
+    """
+
+    archive_dir: Path = field(default_factory=lambda: Path("var/archive").absolute())
+    ingest_records_days: int = 180
+    ingest_quarantine_days: int = 30
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """Every setting of the service, checked once at start."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 def _text(key: str, value: object) -> str:
@@ -67,11 +81,27 @@ def _path(key: str, value: object) -> Path:
     return Path(_text(key, value)).absolute()
 
 
+MAX_RETENTION_DAYS = 36_500  # a century: beyond it a typo, not a policy
+
+
+def _days(key: str, value: object) -> int:
+    # 0 would archive (and delete) every row at once: never what a typo should do.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be a whole number of days")
+    if not 1 <= value <= MAX_RETENTION_DAYS:
+        raise ConfigError(f"{key} must be from 1 to {MAX_RETENTION_DAYS} days")
+    return value
+
+
 _Parser = Callable[[str, object], Any]
 _SCHEMA: Mapping[str, tuple[type[Any], Mapping[str, _Parser]]] = {
     "server": (ServerConfig, {"host": _text, "port": _port}),
     "database": (DatabaseConfig, {"path": _path}),
     "trust": (TrustConfig, {"secret_file": _path}),
+    "retention": (
+        RetentionConfig,
+        {"archive_dir": _path, "ingest_records_days": _days, "ingest_quarantine_days": _days},
+    ),
 }
 
 
@@ -130,4 +160,4 @@ def with_overrides(
     trust = config.trust
     if secret_file is not None:
         trust = replace(trust, secret_file=secret_file.absolute())
-    return UpstreamConfig(server=server, database=database, trust=trust)
+    return replace(config, server=server, database=database, trust=trust)

@@ -88,9 +88,14 @@ def check_same_origin(ctx: RequestContext, allowed_origins: Iterable[str]) -> No
     """Refuse a request the browser says came from another site (when the browser says)."""
     headers = ctx.request.headers
     origin = headers.get("Origin")
+    site = headers.get("Sec-Fetch-Site")
+    if origin == "null" and site is not None and site.lower() == "same-origin":
+        # Our pages say Referrer-Policy: no-referrer, so the browser sends "Origin: null" on
+        # their own form posts and fetches (Fetch, "serializing a request origin"). Then
+        # Sec-Fetch-Site, which no page script can set, says where the request came from.
+        origin = None
     if origin is not None and origin.lower() not in allowed_origins:
         raise Denial("csrf.cross_origin", "the request comes from another origin")
-    site = headers.get("Sec-Fetch-Site")
     if site is not None and site.lower() not in {"same-origin", "none"}:
         raise Denial("csrf.cross_origin", "the request comes from another site")
 

@@ -9,11 +9,19 @@ or masked (replaced by "**REDACTED**", listed in "masked"), as OPA's mask policy
 gateway's input never holds a credential, and ALWAYS_ERASED removes the places one could be
 should the input ever grow: nothing a token or cookie carries reaches this file. `gateway
 policy replay` reads these events back.
+
+Retention (gateway/archive/) rotates the file: it becomes a closed segment `<path>.<UTC time>`
+and the writer goes on in a new file; a writer in another process reopens within a second.
+The file is never rewritten under a writer.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -26,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.pipeline import Decision
 
 MASK = "**REDACTED**"
+_REOPEN_CHECK_SECONDS = 1.0  # how soon a writer notices its file was rotated by another process
 # Erased whatever the config says: where a credential would be if it ever entered the input.
 ALWAYS_ERASED = (
     "/input/request/headers/authorization",
@@ -87,7 +96,10 @@ class DecisionLog:
         self._mask = tuple(mask)
         self._secrets = secrets or MaskSecrets()
         self._path = entrypoint
-        self._stream: IO[str] = _open_append(Path(path))
+        self._file = Path(path)
+        self._lock = threading.Lock()  # a line and a rotation never interleave
+        self._stream: IO[str] = _open_append(self._file)
+        self._next_check = time.monotonic() + _REOPEN_CHECK_SECONDS
 
     def event(
         self,
@@ -143,12 +155,71 @@ class DecisionLog:
     def record(self, **fields: Any) -> None:
         """Build and append one event."""
         line = json.dumps(self.event(**fields), separators=(",", ":"), default=str)
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        with self._lock:
+            self._reopen_if_rotated()
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def rotate(self) -> Path | None:
+        """Close the file as a segment and go on in a new one; the segment (None if empty)."""
+        with self._lock:
+            segment = rotate_file(self._file)
+            if self._stream.closed:  # the gateway is stopping: nothing to reopen
+                return segment
+            self._stream.close()
+            self._stream = _open_append(self._file)
+            return segment
+
+    def _reopen_if_rotated(self) -> None:
+        """Another process (worker 0, the CLI) renamed the file: write to the new one."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + _REOPEN_CHECK_SECONDS
+        try:
+            moved = self._file.stat().st_ino != os.fstat(self._stream.fileno()).st_ino
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            self._stream.close()
+            self._stream = _open_append(self._file)
 
     def close(self) -> None:
         """Close the file."""
-        self._stream.close()
+        with self._lock:
+            self._stream.close()
+
+
+def rotate_file(path: Path) -> Path | None:
+    """Rename a non-empty log to `<path>.<UTC time>` (a closed segment); None when empty."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    while True:
+        segment = path.with_name(f"{path.name}.{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
+        if not segment.exists():  # one rotator at a time: the archival job holds its lock
+            break
+    path.rename(segment)
+    return segment
+
+
+def segments(path: Path) -> list[Path]:
+    """The closed segments of a log, oldest first."""
+    shape = re.compile(re.escape(path.name) + r"\.\d{8}T\d{12}Z")
+    found = [p for p in path.parent.glob(f"{path.name}.*") if shape.fullmatch(p.name)]
+    return sorted(found)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Every event of a log: its closed segments, oldest first, then the current file."""
+    events: list[dict[str, Any]] = []
+    for segment in segments(path):
+        events.extend(read_events(segment))
+    if path.exists():
+        events.extend(read_events(path))
+    return events
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from gateway.audit import record_offline, system_event
+from gateway.logs import register_secret
 from gateway.secrets.inventory import as_json, inventory, render
+from gateway.secrets.providers import Keystore
 from gateway.secrets.rotate import RotationError, rotate_upstream_secret
 
 if TYPE_CHECKING:
@@ -52,6 +55,29 @@ def register(sub: Any) -> None:
         help="upstream_secret: how long to wait for the EMP service to accept the new one",
     )  # fmt: skip
     rotate.set_defaults(func=cmd_secrets_rotate)
+    _register_keystore(group)
+
+
+def _register_keystore(group: Any) -> None:
+    keystore = group.add_parser(
+        "keystore", help="the encrypted local keystore (keystore:NAME references)"
+    ).add_subparsers(dest="keystore_what", required=True)
+    init = keystore.add_parser("init", help="create the keystore (and its master key if missing)")
+    init.set_defaults(func=cmd_keystore_init)
+    put = keystore.add_parser(
+        "put", help="store a secret under NAME (a new version), read from stdin, never echoed"
+    )
+    put.add_argument("name")
+    put.set_defaults(func=cmd_keystore_put)
+    listing = keystore.add_parser("list", help="names, versions and dates; never values")
+    listing.set_defaults(func=cmd_keystore_list)
+    delete = keystore.add_parser("delete", help="remove NAME and its value")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_keystore_delete)
+    master = keystore.add_parser(
+        "rotate-master", help="re-encrypt every entry under a new master key"
+    )
+    master.set_defaults(func=cmd_keystore_rotate_master)
 
 
 def cmd_secrets_check(config: GatewayConfig, args: argparse.Namespace) -> int:
@@ -107,3 +133,61 @@ def cmd_secrets_rotate(config: GatewayConfig, args: argparse.Namespace) -> int:
 def _audit(config: GatewayConfig, kind: str, subject: str, **detail: Any) -> None:
     event = system_event(kind, subject=subject, **detail)
     record_offline(config.audit.jsonl_path, config.audit.db_path, event)
+
+
+def _open_keystore(config: GatewayConfig) -> Keystore:
+    return Keystore.open(config.secrets.keystore_file, config.secrets.master_key_file)
+
+
+def _read_value(name: str) -> str:
+    """The secret from a terminal (not echoed) or from a pipe (one line)."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"value for {name}: ")
+    return sys.stdin.readline().rstrip("\n")
+
+
+def cmd_keystore_init(config: GatewayConfig, _args: argparse.Namespace) -> int:
+    """Create the keystore; its master key too, unless one is already in place."""
+    secrets = config.secrets
+    store = Keystore.create(secrets.keystore_file, secrets.master_key_file)
+    _audit(config, "secrets.keystore_created", getpass.getuser(), keystore=str(store.path))
+    print(f"wrote {store.path} (master key {store.master_path})")  # noqa: T201
+    return 0
+
+
+def cmd_keystore_put(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Store a new version of NAME; the value never reaches argv, the output or the audit."""
+    value = _read_value(args.name)
+    if not value:
+        print("gateway: refusing an empty secret", file=sys.stderr)  # noqa: T201
+        return 2
+    entry = _open_keystore(config).put(args.name, register_secret(value))
+    _audit(config, "secrets.keystore_put", getpass.getuser(), name=entry.name,
+           version=entry.version)  # fmt: skip
+    print(f"keystore:{entry.name} version {entry.version}")  # noqa: T201
+    return 0
+
+
+def cmd_keystore_list(config: GatewayConfig, _args: argparse.Namespace) -> int:
+    """One line per entry: reference, version, when it was put."""
+    for entry in _open_keystore(config).list():
+        print(f"keystore:{entry.name}  version {entry.version}  {entry.created_at.isoformat()}")  # noqa: T201
+    return 0
+
+
+def cmd_keystore_delete(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """Remove an entry (audited)."""
+    _open_keystore(config).delete(args.name)
+    _audit(config, "secrets.keystore_deleted", getpass.getuser(), name=args.name)
+    print(f"deleted keystore:{args.name}")  # noqa: T201
+    return 0
+
+
+def cmd_keystore_rotate_master(config: GatewayConfig, _args: argparse.Namespace) -> int:
+    """A new random master key; every entry re-encrypted under it (audited)."""
+    store = _open_keystore(config)
+    store.rotate_master(os.urandom(32))
+    _audit(config, "secrets.master_rotated", getpass.getuser(), keystore=str(store.path),
+           entries=len(store.list()))  # fmt: skip
+    print(f"re-encrypted {store.path} under a new master key ({store.master_path})")  # noqa: T201
+    return 0

@@ -172,6 +172,34 @@ def _client_secrets(config: SecretsConfig, db_path: Path, now: float) -> list[Se
     ]
 
 
+def _keystore(config: SecretsConfig, now: float) -> list[SecretState]:
+    """The keystore's master key (a provider credential) and each entry, when there is one."""
+    from gateway.secrets.providers import Keystore, SecretError  # noqa: PLC0415 - on use
+
+    if not config.keystore_file.exists():
+        return []
+    master = _secret_file(config, "keystore_master", "key", config.master_key_file, now)
+    try:
+        entries = Keystore.open(config.keystore_file, config.master_key_file).list()
+    except (SecretError, OSError) as exc:
+        name, path = "keystore:*", str(config.keystore_file)
+        return [master, SecretState(name, "key", path, "unreadable", None, None, note=str(exc))]
+    return [
+        master,
+        *(
+            _aged(
+                config,
+                f"keystore:{entry.name}",
+                "shared_secret",
+                f"{config.keystore_file} (version {entry.version})",
+                created_at=entry.created_at.timestamp(),
+                now=now,
+            )
+            for entry in entries
+        ),
+    ]
+
+
 def inventory(config: GatewayConfig, *, now: float | None = None) -> list[SecretState]:
     """Every secret this configuration makes the gateway hold, in a stable order."""
     now = time.time() if now is None else now
@@ -196,6 +224,7 @@ def inventory(config: GatewayConfig, *, now: float | None = None) -> list[Secret
         ("tls_certificate", config.tls.cert_file),
         ("tls_ca_certificate", config.tls.ca_file),
     ]
+    states += _keystore(limits, now)
     if config.siem.enabled:
         certificates.append(("siem_client_certificate", config.siem.client_cert_file))
     states += [_certificate(limits, n, p, now) for n, p in certificates if p is not None]

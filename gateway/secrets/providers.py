@@ -47,7 +47,7 @@ _SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A Vault path segment may not be "." or "..": a reference must not climb out of its mount.
 _VAULT_SEGMENT = re.compile(r"[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]*")
 _VAULT_FIELD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-_CREATE_HINT = "create it first (Keystore.create)"
+_CREATE_HINT = "create it first: `gateway secrets keystore init`"
 _KEYSTORE_NAME_RULE = "keystore:NAME (letters, digits, . _ -; at most 128, not starting with . _ -)"
 
 

@@ -89,6 +89,17 @@ test_deny_missing_route if {
 		with input.route as {}
 }
 
+test_allow_admin_reviews_quarantine_in_console if {
+	data.gateway.authz.decision.allow with input.subject as _subject(["admin"])
+		with input.route as _route("console", "review")
+}
+
+test_deny_data_steward_opens_console if {
+	d := data.gateway.authz.decision with input.subject as _subject(["data_steward"])
+		with input.route as _route("console", "read")
+	d.reasons == {"rbac.action_not_granted"}
+}
+
 test_deny_unknown_resource if {
 	not data.gateway.authz.allow with input.subject as _subject(["admin"])
 		with input.route as _route("audit_internals", "read")

@@ -61,14 +61,10 @@ def root(prepared, tmp_path) -> Path:
 
 
 def _config(root: Path) -> Path:
-    path = write_gateway_config(
+    return write_gateway_config(
         root, https=free_port(), http=free_port(), admin=free_port(),
         upstream_url="http://127.0.0.1:9", jwks_url="http://127.0.0.1:9/jwks.json",
     )  # fmt: skip
-    # Every secret inside root (the audit checkpoint key defaults to the repository's var/).
-    key = f'checkpoint_key_file = "{root}/secrets/audit-checkpoint.key"'
-    path.write_text(path.read_text().replace("[audit]\n", f"[audit]\n{key}\n", 1))
-    return path
 
 
 def _states(root: Path, **kwargs):
@@ -357,3 +353,48 @@ async def test_every_answer_carries_the_hardening_headers(stack, client):
     assert answers["allowed"][1]["Cache-Control"] == "no-store"
     assert answers["allowed"][1]["Content-Security-Policy"].startswith("default-src 'none'")
     assert "form-action 'self'" in answers["login_page"][1]["Content-Security-Policy"]
+
+
+# --- the keystore from the command line --------------------------------------------------------
+
+
+def _gateway(root: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GATEWAY, "--config", str(root / "gateway.toml"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60, input=stdin,
+    )  # fmt: skip
+
+
+def test_the_keystore_commands_keep_values_out_of_every_output(root):
+    """init, put (from stdin), list, rotate-master, delete: each audited by name and version;
+    no value in argv, output, audit, or the keystore file; `secrets check` lists its entries
+    and its master key."""
+    keystore = f'keystore_file = "{root}/secrets/keystore.json"\n'
+    master = f'master_key_file = "{root}/secrets/keystore.master"\n'
+    _add_config(root, "[secrets]\n" + keystore + master)
+    value = "planted-keystore-value-7d1f0c"
+    assert _gateway(root, "secrets", "keystore", "list").returncode == 2  # none yet: no key made
+    assert not (root / "secrets" / "keystore.master").exists()
+    assert _gateway(root, "secrets", "keystore", "init").returncode == 0
+    put = _gateway(root, "secrets", "keystore", "put", "upstream", stdin=value + "\n")
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.strip() == "keystore:upstream version 1"
+    again = _gateway(root, "secrets", "keystore", "put", "upstream", stdin=value + "-2\n")
+    assert again.stdout.strip() == "keystore:upstream version 2"
+    assert _gateway(root, "secrets", "keystore", "put", "empty", stdin="\n").returncode == 2
+    before = (root / "secrets" / "keystore.json").read_bytes()
+    assert _gateway(root, "secrets", "keystore", "rotate-master").returncode == 0
+    assert (root / "secrets" / "keystore.json").read_bytes() != before
+    listing = _gateway(root, "secrets", "keystore", "list").stdout
+    assert re.fullmatch(r"keystore:upstream  version 2  \S+\n", listing)
+    states = _states(root)
+    assert states["keystore:upstream"].status == "ok"
+    assert states["keystore_master"].kind == "key"
+    assert _gateway(root, "secrets", "keystore", "delete", "upstream").returncode == 0
+    assert "keystore:upstream" not in _states(root)
+    kinds = [json.loads(line)["kind"] for line in (root / "audit.jsonl").read_text().splitlines()]
+    assert kinds == ["secrets.keystore_created", "secrets.keystore_put", "secrets.keystore_put",
+                     "secrets.master_rotated", "secrets.keystore_deleted"]  # fmt: skip
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert value.encode() not in path.read_bytes(), path

@@ -89,6 +89,7 @@ def start_identity_gateway(
     decision_log: str = "",
     streams_file: Path | None = None,
     clients: dict[str, list[str]] | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> IdentityGateway:
     """Set up, create alice/root/bob and the clients with the CLI, then start the gateway."""
     root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def start_identity_gateway(
         result = gateway.cli(*args)
         assert result.returncode == 0, result.stderr
         gateway.client_secrets[client_id] = secret_from(result.stdout)
-    gateway.process = start_gateway(processes, root, config, https)
+    gateway.process = start_gateway(processes, root, config, https, *serve_args)
     return gateway
 
 

@@ -160,6 +160,7 @@ host = "127.0.0.1"
 https_port = {https}
 http_port = {http}
 admin_port = {admin}
+run_dir = "{root}/run"
 {server}
 [tls]
 cert_file = "{root}/certs/server.pem"
@@ -190,6 +191,7 @@ dir = "{policy_dir or REPO / "policies"}"
 [audit]
 jsonl_path = "{root}/audit.jsonl"
 db_path = "{root}/audit.duckdb"
+checkpoint_key_file = "{root}/secrets/audit-checkpoint.key"
 [decision_log]
 path = "{root}/decisions.jsonl"
 {decision_log}
@@ -241,8 +243,10 @@ def start_upstream(stack: ExitStack, root: Path, port: int) -> subprocess.Popen[
     )
 
 
-def start_gateway(stack: ExitStack, root: Path, config: Path, port: int) -> subprocess.Popen[bytes]:
-    command = [*GATEWAY, "--config", str(config), "serve"]
+def start_gateway(
+    stack: ExitStack, root: Path, config: Path, port: int, *serve_args: str
+) -> subprocess.Popen[bytes]:
+    command = [*GATEWAY, "--config", str(config), "serve", *serve_args]
     return stack.enter_context(running(command, port=port, log_file=root / "gateway.log", cwd=REPO))
 
 

@@ -114,3 +114,68 @@ async def test_inbox_left_while_the_gateway_was_down_is_loaded_at_start(tmp_path
     with duckdb.connect(str(db)) as connection:
         kinds = connection.execute("SELECT kind FROM audit_events").fetchall()
     assert kinds == [("account.user_added",)]
+
+
+async def test_a_worker_without_the_store_hands_sealed_batches_to_the_owner(writer, tmp_path):
+    """`serve --workers`: a hand-off writer leaves its sealed rows and a signed checkpoint in
+    the inbox; the owner stores them as they are, and both chains verify."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
+
+    from gateway.auditchain import verify  # noqa: PLC0415
+
+    key = Ed25519PrivateKey.generate()
+    writer._checkpoint_key = key
+    worker = AuditWriter(
+        jsonl_path=str(tmp_path / "audit.jsonl"), db_path=tmp_path / "audit.duckdb",
+        flush_interval_seconds=3600, batch_size=10_000, checkpoint_key=key, handoff=True,
+    )  # fmt: skip
+    await worker.start()
+    assert not worker.owns_store
+    batch = events(5)  # one request id each, and the event id is the request id
+    for event in batch[:3]:
+        worker.emit(event)
+    await worker.flush()
+    handed = sorted(inbox_dir(tmp_path / "audit.duckdb").glob("sealed-*.ndjson"))
+    assert len(handed) == 1
+    for event in batch[3:]:
+        writer.emit(event)
+    await writer.flush()
+    assert list(inbox_dir(tmp_path / "audit.duckdb").glob("*.ndjson")) == []
+    rows = writer._db.execute("SELECT chain, count(*) FROM audit_events GROUP BY 1").fetchall()
+    assert dict(rows) == {worker.chain.chain_id: 3, writer.chain.chain_id: 2}
+    reports = verify(writer._db, key.public_key())
+    assert [(r.chain in {worker.chain.chain_id, writer.chain.chain_id}, r.intact,
+             r.checkpoints) for r in reports] == [(True, True, 1), (True, True, 1)]  # fmt: skip
+    await worker.close()
+
+
+async def test_concurrent_flushes_load_an_inbox_file_once(writer, tmp_path):
+    """The flusher and a query's flush at the same moment: the CLI's event is stored once."""
+    import asyncio  # noqa: PLC0415
+
+    db_path = tmp_path / "audit.duckdb"
+    record_offline(str(tmp_path / "cli.jsonl"), db_path, system_event("keys.rotated"))
+    await asyncio.gather(writer.flush(), writer.flush(), writer.flush())
+    kinds = writer._db.execute("SELECT kind FROM audit_events").fetchall()
+    assert kinds == [("keys.rotated",)]
+
+
+async def test_a_failed_flush_does_not_take_an_inbox_event_twice(writer, tmp_path, monkeypatch):
+    """An insert that fails (after the inbox was read) keeps the inbox event pending; the next
+    flush stores it once, sealed once."""
+    import gateway.audit  # noqa: PLC0415
+
+    db_path = tmp_path / "audit.duckdb"
+    record_offline(str(tmp_path / "cli.jsonl"), db_path, system_event("keys.rotated"))
+    real_insert = gateway.audit._insert
+
+    def failing_insert(*args, **kwargs):
+        monkeypatch.setattr(gateway.audit, "_insert", real_insert)  # the next one works
+        raise duckdb.IOException("disk full")
+
+    monkeypatch.setattr(gateway.audit, "_insert", failing_insert)
+    with pytest.raises(duckdb.IOException):
+        await writer.flush()
+    await writer.flush()
+    kinds = writer._db.execute("SELECT kind, seq FROM audit_events").fetchall()
+    assert kinds == [("keys.rotated", 1)]

@@ -137,7 +137,10 @@ def test_new_role_without_matrix_rows_fails(policies, routes):
     data["rbac"]["roles"]["auditor"] = {"permissions": {"tickets": ["read"]}}
     data_file.write_text(json.dumps(data))
     matrix, _ = check(policies, routes)
-    assert matrix.problems == ["[roles.auditor]: no such table, so none of its 24 cells is checked"]
+    cells = sum(len(route.methods) for route in routes.routes)
+    assert matrix.problems == [
+        f"[roles.auditor]: no such table, so none of its {cells} cells is checked"
+    ]
 
 
 def test_new_role_without_matrix_rows_fails_the_command(policies):

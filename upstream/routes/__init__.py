@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from upstream.routes import health, ingest, resources
+from upstream.routes import archive, health, ingest, resources
 
 
 def add_routes(app: web.Application) -> None:
@@ -10,3 +10,4 @@ def add_routes(app: web.Application) -> None:
     health.add_routes(app)
     resources.add_routes(app)
     ingest.add_routes(app)
+    archive.add_routes(app)
