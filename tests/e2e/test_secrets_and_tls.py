@@ -222,8 +222,11 @@ def test_the_gateway_exports_ages_limits_and_expiry_and_follows_changes(make_gat
     """The age metrics are the inventory's, re-read every refresh_seconds: an aged secret shows
     up as failing without a restart."""
     gateway = make_gateway("http://127.0.0.1:9", extra="[secrets]\nrefresh_seconds = 0.3\n")
-    text = _wait_for(gateway.admin_port, "gateway_secrets_failing", lambda v: v == 0)
-    age = _value(text, 'gateway_secret_age_seconds{secret="upstream_secret"}')
+    # The first inventory runs in the background after start: wait for its series.
+    upstream_age = 'gateway_secret_age_seconds{secret="upstream_secret"}'
+    text = _wait_for(gateway.admin_port, upstream_age, lambda v: v >= 0)
+    assert _value(text, "gateway_secrets_failing") == 0
+    age = _value(text, upstream_age)
     assert age is not None
     assert 0 <= age < 600
     assert _value(text, 'gateway_secret_max_age_seconds{secret="session_key"}') == 90 * DAY
