@@ -19,12 +19,38 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+# Under pytest-xdist, each worker process hands out ports from its own slice of a range below
+# the kernel's ephemeral ports (32768+): a port another worker, or an outgoing connection, has
+# just been given is never handed out here too (bind(0) in two processes can return the same
+# port once the first probe socket is closed).
+_SLICE_START, _SLICE_SIZE, _SLICES = 20_000, 3_000, 4
+_next_in_slice: dict[int, int] = {}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit()):
+        return _bind_probe(0)
+    index = int(worker[2:]) % _SLICES
+    first = _SLICE_START + index * _SLICE_SIZE
+    offset = _next_in_slice.get(index, 0)
+    for step in range(_SLICE_SIZE):
+        port = first + (offset + step) % _SLICE_SIZE
+        try:
+            _bind_probe(port)
+        except OSError:
+            continue  # in use, or in TIME_WAIT
+        _next_in_slice[index] = (offset + step + 1) % _SLICE_SIZE  # never the same one twice
         return port
+    raise RuntimeError(f"no free port in {first}..{first + _SLICE_SIZE - 1}")
+
+
+def _bind_probe(port: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
+        bound: int = sock.getsockname()[1]
+        return bound
 
 
 def wait_for_port(

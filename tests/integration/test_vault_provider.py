@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -166,9 +167,18 @@ def test_the_namespace_setting_reads_from_that_namespace(vault, tmp_path):
     root.sys.create_namespace(path="team-emp")
     in_namespace = operator(vault, namespace="team-emp")
     in_namespace.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
-    in_namespace.secrets.kv.v2.create_or_update_secret(
-        path="gateway", secret={"value": "ns-value"}, mount_point="kv"
-    )
+    # A new KV v2 mount upgrades itself in the background first; writes are refused meanwhile.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            in_namespace.secrets.kv.v2.create_or_update_secret(
+                path="gateway", secret={"value": "ns-value"}, mount_point="kv"
+            )
+            break
+        except hvac.exceptions.InvalidRequest as exc:
+            if "Upgrading" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     settings = settings_for(vault, tmp_path, vault.root_token, namespace="team-emp")
     assert resolve("vault:kv/gateway#value", settings=settings).value == "ns-value"
     outside = settings_for(vault, tmp_path, vault.root_token)
