@@ -506,13 +506,6 @@ def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set
     inbox = _Inbox(files=sorted(inbox_dir(db_path).glob("*.ndjson")))
     events: dict[str, dict[str, Any]] = {}
     rows: dict[str, str] = {}
-
-    def unseen(event_id: str) -> bool:
-        seen = connection.execute(
-            "SELECT count(*) FROM audit_events WHERE event_id = ?", [event_id]
-        ).fetchone()
-        return seen is not None and seen[0] == 0
-
     for path in inbox.files:
         sealed = path.name.startswith(HANDOFF_PREFIX)
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -525,12 +518,21 @@ def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set
             event_id = str(item.get("event_id"))
             if event_id in events or event_id in rows or event_id in taken:
                 continue
-            if not unseen(event_id):
-                continue
             if sealed:
                 rows[event_id] = line + "\n"
             else:
                 events[event_id] = item
+    # One query for the whole inbox (a worker's hand-off is a batch, not one event).
+    stored = {
+        row[0]
+        for row in connection.execute(
+            "SELECT event_id FROM audit_events WHERE event_id IN (SELECT unnest(?))",
+            [[*events, *rows]],
+        ).fetchall()
+    }
+    for event_id in stored:
+        events.pop(event_id, None)
+        rows.pop(event_id, None)
     inbox.events, inbox.sealed_rows = list(events.values()), list(rows.values())
     inbox.event_ids = set(events) | set(rows)
     return inbox
