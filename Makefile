@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # The SAST gate: bandit fails the build on any high-severity finding. SAST_DEPS= lets a test
 # run the gate on a copy of the tree without installing that copy into the venv.
-SAST_PATHS ?= gateway upstream
+SAST_PATHS ?= gateway upstream empsecrets
 SAST_DEPS ?= venv
 # Test processes: each runs whole test files (their module-scoped servers stay in one process).
 TEST_WORKERS ?= 2
@@ -58,11 +58,12 @@ lint: venv sast ## ruff (lint + format check), mypy strict, bandit gate
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and schema micro-benchmarks, console pages
+bench: setup ## throughput vs a bare proxy, the 50 req/s load test, policy and schema micro-benchmarks, console pages, encryption cost
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "wrk not installed: bench/run.py falls back to its Python load generator"
 	$(PY) bench/run.py
 	$(PY) bench/console.py
+	$(PY) bench/encryption.py
 	$(PY) bench/eval_anomaly.py
 
 eval-anomaly: venv ## outlier detection quality (precision/recall per method) and per-record cost

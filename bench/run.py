@@ -266,7 +266,18 @@ def micro_phase(calls: int) -> list[str]:
         f"  targets p50 <= {SCHEMA_P50_TARGET_US:g} us (schema + rules): {verdict(rules_ok)}; "
         f"<= {MODEL_P50_TARGET_US:g} us with the model: {verdict(model_ok)}"
     )
+    writer = micro.audit_writer_throughput(max(calls, 10_000))
+    print(f"\n== Audit writer ({writer.events} events, emit + flush, batches of 2,000) ==")
+    print(
+        f"  encrypted (detail, user_agent, raw) {writer.encrypted_per_s:8.0f} events/s\n"
+        f"  plaintext (bench-only baseline)     {writer.plain_per_s:8.0f} events/s\n"
+        f"  ratio encrypted/plain {writer.ratio:.2f}"
+    )
     return [
+        (
+            f"audit writer: {writer.encrypted_per_s:.0f} events/s encrypted, "
+            f"{writer.plain_per_s:.0f} plain (ratio {writer.ratio:.2f})"
+        ),
         (
             f"ingest record ({size} B): schema + rules p50 {rules.p50_us:.0f} us (<= 100 us: "
             f"{verdict(rules_ok)}); with statistics {stats.p50_us:.0f} us; with the HBOS model "

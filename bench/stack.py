@@ -56,6 +56,9 @@ dir = "{repo}/policies"
 [audit]
 jsonl_path = "{root}/audit.jsonl"
 db_path = "{root}/audit.duckdb"
+[encryption]
+keystore_file = "{root}/data-keys/keystore.json"
+master_key_file = "{root}/data-keys/keystore.master"
 [decision_log]
 path = "{root}/decisions.jsonl"
 [routes]

@@ -21,8 +21,8 @@ from gateway import keys
 from gateway.activity import ActivityJob, Anomaly
 from gateway.archive.job import ArchiveJob, add_archive_api, gateway_job
 from gateway.audit import HOURLY_QUERY, AuditWriter, protocol_error_event, system_event
-from gateway.auditchain import load_checkpoint_key
 from gateway.auditchain import verify as verify_chains
+from gateway.auditcrypt import add_reencrypt_api, load_cipher
 from gateway.auditsearch import search_events, serve_audit_search
 from gateway.config import ConfigError
 from gateway.console.csp import REPORT_PATH
@@ -33,7 +33,7 @@ from gateway.identity.bruteforce import LoginGuard
 from gateway.identity.endpoints import ROUTES as IDENTITY_ROUTES
 from gateway.identity.endpoints import IdentityEndpoints, identity_stages
 from gateway.identity.endpoints import render_denial as render_identity_denial
-from gateway.identity.mfa import SecretBox, TotpVerifier
+from gateway.identity.mfa import TotpVerifier
 from gateway.identity.passwords import Passwords
 from gateway.identity.provider import IdentityProvider
 from gateway.identity.sessions import SessionCookieAuthenticator, SessionCookies, origin_of
@@ -67,6 +67,7 @@ from gateway.stages.normalize import NormalizeStage
 from gateway.stages.route import RouteStage
 from gateway.stages.validate import ValidateStage
 from gateway.tls import client_context
+from gateway.validation.anomaly import read_key as read_model_key
 from gateway.validation.baseline import Baselines
 from gateway.validation.outliers import ModelSlots
 from gateway.validation.streams import StreamCatalog, load_streams
@@ -99,6 +100,7 @@ class GatewayState:
     keyring: KeyRing | None
     streams: StreamCatalog = field(default_factory=lambda: StreamCatalog(streams={}))
     checkpoint_key: Ed25519PrivateKey | None = None
+    model_key: keys.ResolvedSecret | None = None  # re-resolved at each model load (a rotation)
     baselines: Baselines | None = None
     models: ModelSlots | None = None
     audit: AuditWriter | None = None
@@ -141,7 +143,8 @@ def load_state(config: GatewayConfig, config_file: Path | None = None) -> Gatewa
         config=config,
         routes=load_routes(config.routes.file, config.routes.schema_dir),
         streams=load_streams(config.validation.streams_file, config.routes.schema_dir),
-        checkpoint_key=load_checkpoint_key(config.audit.checkpoint_key_file),
+        checkpoint_key=keys.checkpoint_key(config),
+        model_key=keys.model_key(config),
         engine=engine,
         metrics=metrics,
         upstream_secret=keys.SecretFile(config.upstream.secret_file, on_new=register_secret),
@@ -213,8 +216,8 @@ def build_identity(
             per_user_failures=limits.per_user_failures,
         ),
         totp=TotpVerifier(state_store),
-        totp_box=SecretBox.from_file(identity.mfa.secret_key_file),
-        session_box=SecretBox.from_file(identity.sessions.key_file),
+        totp_box=keys.totp_box(config),
+        session_box=keys.session_box(config),
     )
     cookies = SessionCookies(
         box=provider.session_box,
@@ -491,6 +494,9 @@ def build_app(state: GatewayState) -> web.Application:
 async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     audit_config = state.config.audit
+    # Only the store's owner holds the data keys; no ring, no start (ConfigError, exit 2).
+    owner = state.worker.owner
+    cipher = await asyncio.to_thread(load_cipher, state.config) if owner else None
     shipper = await _start_siem(state)
     state.audit = AuditWriter(
         jsonl_path=audit_config.jsonl_path,
@@ -500,7 +506,8 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
         checkpoint_key=state.checkpoint_key,
         forward=shipper.submit if shipper is not None else None,
         mask_text=active_mask().mask_text,
-        handoff=not state.worker.owner,  # another worker owns the DuckDB file
+        handoff=not owner,  # another worker owns the DuckDB file
+        cipher=cipher,
     )
     state.metrics.watch(
         state.metrics.audit_backlog, lambda: state.audit.backlog if state.audit else 0
@@ -685,9 +692,10 @@ def _start_validation(state: GatewayState, upstream: aiohttp.ClientSession) -> N
     state.baselines = Baselines(specs, reader.stats)
     if specs:
         state.background.append(asyncio.create_task(state.baselines.run(), name="baselines"))
+    model_key = state.model_key or keys.model_key(config)
     state.models = ModelSlots(
         config.validation.model_dir,
-        config.validation.model_key_file,
+        lambda: read_model_key(model_key),
         check_seconds=config.validation.model_check_seconds,
         report=report,
     )
@@ -825,7 +833,8 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
         if state.audit is None:
             return web.json_response({"error": "the audit store is not open"}, status=503)
         public = state.checkpoint_key.public_key() if state.checkpoint_key else None
-        reports = await state.audit.run(lambda cursor: verify_chains(cursor, public))
+        cipher = state.audit.cipher
+        reports = await state.audit.run(lambda cursor: verify_chains(cursor, public, cipher))
         body = {
             "intact": all(r.intact for r in reports),
             "chains": [
@@ -840,6 +849,7 @@ def build_admin_app(api: web.Application) -> web.Application:  # noqa: C901 - on
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/audit/verify", audit_verify)
     add_archive_api(admin, lambda: state.archive)
+    add_reencrypt_api(admin, lambda: state.audit, lambda: load_cipher(state.config))
     admin.router.add_get("/validation/hourly", validation_hourly)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", readyz)

@@ -3,6 +3,7 @@
 The DuckDB writes run in a thread every flush interval (a write per request on the event loop
 would stall it); close() drains the queue so a clean shutdown loses nothing. Never records a
 credential: the event is built from the context's established facts, not from raw headers.
+Never stores detail, user_agent, raw or sealed_detail in DuckDB unencrypted (gateway/auditcrypt.py).
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import duckdb
 import structlog
 
 from gateway.auditchain import Chain, checkpoint_message, key_id
+from gateway.auditcrypt import VALIDATION_TYPE, Reencryption, reencrypt, row_line
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from empsecrets.fieldcrypt import FieldCipher
     from gateway.pipeline import RequestContext
 
 T = TypeVar("T")
@@ -43,10 +46,14 @@ COLUMN_TYPES = (
     ("decision", "VARCHAR"), ("reason_id", "VARCHAR"), ("status", "INTEGER"),
     ("latency_ms", "DOUBLE"), ("upstream_ms", "DOUBLE"), ("policy_revision", "VARCHAR"),
     ("reasons", "VARCHAR[]"), ("remote_addr", "VARCHAR"), ("user_agent", "VARCHAR"),
-    ("detail", "JSON"),
+    ("detail", "VARCHAR"),  # encrypted JSON text, like user_agent and raw (auditcrypt.py)
     # The hash chain (gateway/auditchain.py); `raw` is the sealed canonical JSON.
     ("chain", "VARCHAR"), ("seq", "BIGINT"), ("prev_hash", "VARCHAR"), ("hash", "VARCHAR"),
     ("raw", "VARCHAR"),
+    # The plaintext ingest counts of detail.validation, for the validation_hourly view.
+    ("validation", VALIDATION_TYPE),
+    # Detail for the store only (RequestContext.sealed_detail), encrypted, outside the chain.
+    ("sealed_detail", "VARCHAR"),
 )  # fmt: skip
 COLUMNS = tuple(name for name, _ in COLUMN_TYPES)
 _SCHEMA = (
@@ -54,11 +61,23 @@ _SCHEMA = (
     + ", ".join(f"{name} {kind}" for name, kind in COLUMN_TYPES)
     + ", PRIMARY KEY (event_id))"
 )
-# A store made before the chain existed gains its columns (its old rows stay unchained).
+# A store made before the chain existed gains its columns (its old rows stay unchained), one
+# made before encryption the validation column (filled by the first re-encryption pass).
 _MIGRATE = [
     f"ALTER TABLE audit_events ADD COLUMN IF NOT EXISTS {name} {kind}"
-    for name, kind in COLUMN_TYPES[-5:]
+    for name, kind in COLUMN_TYPES[COLUMNS.index("chain") :]
 ]
+_DETAIL_TYPE = (
+    "SELECT data_type FROM information_schema.columns "
+    "WHERE table_name = 'audit_events' AND column_name = 'detail'"
+)
+# One row once every value of the store has been sealed: a store without it (made before
+# encryption, or by the bench's plaintext writer) is sealed when a writer with a cipher opens it.
+_ENCRYPTION_STATE = """
+CREATE TABLE IF NOT EXISTS audit_encryption (
+    format VARCHAR PRIMARY KEY, sealed_at TIMESTAMPTZ NOT NULL
+)
+"""
 _CHECKPOINTS = """
 CREATE TABLE IF NOT EXISTS audit_checkpoints (
     chain VARCHAR NOT NULL, seq BIGINT NOT NULL, hash VARCHAR NOT NULL, signed_at VARCHAR NOT NULL,
@@ -82,21 +101,23 @@ _INSERT = (
 
 
 # The seed's "rejected records per hour": ingest outcomes per stream and hour, from the
-# validate stage's summary in each request's detail (docs/validation.md).
+# validate stage's summary (docs/validation.md). The detail is encrypted, so the view reads the
+# plaintext copy of the summary's counts in `validation` (checked against the sealed event by
+# `gateway audit verify`).
 _HOURLY_VIEW = """
 CREATE OR REPLACE VIEW validation_hourly AS
 SELECT date_trunc('hour', time AT TIME ZONE 'UTC') AS hour,
-       detail->>'$.validation.stream' AS stream,
+       struct_extract(validation, 'stream') AS stream,
        count(*) AS batches,
-       sum(CAST(detail->>'$.validation.received' AS BIGINT)) AS received,
+       sum(struct_extract(validation, 'received')) AS received,
        sum(CASE WHEN decision = 'allow'
-           THEN CAST(detail->>'$.validation.accepted' AS BIGINT) ELSE 0 END) AS accepted,
+           THEN struct_extract(validation, 'accepted') ELSE 0 END) AS accepted,
        sum(CASE WHEN decision = 'allow'
-           THEN CAST(detail->>'$.validation.quarantined' AS BIGINT) ELSE 0 END) AS quarantined,
-       sum(CAST(detail->>'$.validation.rejected' AS BIGINT)) AS rejected,
+           THEN struct_extract(validation, 'quarantined') ELSE 0 END) AS quarantined,
+       sum(struct_extract(validation, 'rejected')) AS rejected,
        count(*) FILTER (WHERE decision = 'deny') AS refused_batches
 FROM audit_events
-WHERE json_exists(detail, '$.validation')
+WHERE validation IS NOT NULL
 GROUP BY ALL
 """
 HOURLY_QUERY = """
@@ -243,7 +264,9 @@ class AuditWriter:
     """Writes audit events: chained, as JSON lines at once, as DuckDB rows in batches.
 
     Each event is sealed into this process's hash chain; the rows go to DuckDB off the loop,
-    each batch closed by a signed checkpoint of the chain's head.
+    each batch closed by a signed checkpoint of the chain's head. The store's sensitive columns
+    (gateway/auditcrypt.py) are encrypted with `cipher` in the flush's thread, before the batch
+    is spooled; a writer that owns a store needs one (`plaintext=True`: the bench's baseline).
     """
 
     def __init__(
@@ -257,14 +280,19 @@ class AuditWriter:
         forward: Callable[[dict[str, Any]], None] | None = None,
         mask_text: Callable[[str], str] | None = None,
         handoff: bool = False,
+        cipher: FieldCipher | None = None,
+        plaintext: bool = False,
     ) -> None:
+        if cipher is None and db_path is not None and not handoff and not plaintext:
+            raise ValueError("the audit store is encrypted: pass the data key ring's cipher")
+        self._cipher = cipher
         self._stream: IO[str] = sys.stdout if jsonl_path == "-" else _open_append(jsonl_path)
         self._owns_stream = jsonl_path != "-"
         self._db_path = db_path
         self._spool = db_path.parent if db_path is not None else Path()  # batch files go here
         self._interval = flush_interval_seconds
         self._batch_size = batch_size
-        self._pending: list[str] = []  # sealed lines (with their raw JSON) not yet in DuckDB
+        self._pending: list[_Row] = []  # rows not yet in DuckDB
         self._db: duckdb.DuckDBPyConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -293,25 +321,49 @@ class AuditWriter:
         """Whether this process holds the DuckDB file (queries run here)."""
         return self._db is not None
 
+    @property
+    def cipher(self) -> FieldCipher:
+        """What opens the store's encrypted columns (for searches, verification, archives)."""
+        if self._cipher is None:
+            raise RuntimeError("this audit writer has no data key ring (it does not own a store)")
+        return self._cipher
+
+    def switch_cipher(self, cipher: FieldCipher) -> None:
+        """Seal from the next flush on with a rotated ring (its older keys still open values)."""
+        self._cipher = cipher
+
+    async def reencrypt(self, cipher: FieldCipher) -> Reencryption:
+        """Switch to `cipher`, then re-seal every stored value under its current key (a thread)."""
+        self.switch_cipher(cipher)
+        spool = self._spool
+        return await self.run(lambda cursor: reencrypt(cursor, cipher, spool=spool))
+
     async def start(self) -> None:
         """Open the audit table (off the loop) and start the periodic flusher."""
         if self._db_path is not None and not self._handoff:
-            self._db = await asyncio.to_thread(_open_db, self._db_path)
+            self._db = await asyncio.to_thread(open_store, self._db_path, self._cipher)
         self._task = asyncio.create_task(self._flush_periodically(), name="audit-flusher")
 
-    def emit(self, event: dict[str, Any]) -> None:
-        """Record one event: sealed in the chain, the JSON line now, the row at the next flush."""
+    def emit(self, event: dict[str, Any], sealed_detail: dict[str, Any] | None = None) -> None:
+        """Record one event: sealed in the chain, the JSON line now, the row at the next flush.
+
+        `sealed_detail` goes to the store's row alone, encrypted: never to the JSON line, the
+        chain or the SIEM (RequestContext.sealed_detail).
+        """
         if self._mask_text is not None:
             _mask_event(event, self._mask_text)
+            if sealed_detail:
+                sealed_detail = _masked(sealed_detail, self._mask_text, 0)
         line = self.chain.seal(event) + "\n"
         self._stream.write(line)
         self._stream.flush()
-        self._queue(event, line)
+        private = json.dumps(sealed_detail, separators=(",", ":")) if sealed_detail else None
+        self._queue(event, line, private)
 
-    def _queue(self, event: dict[str, Any], line: str) -> None:
+    def _queue(self, event: dict[str, Any], line: str, sealed_detail: str | None = None) -> None:
         if self._db is not None or self._handoff:
-            # The row's columns and, in `raw`, the exact sealed JSON the hash covers.
-            self._pending.append(line[:-2] + ',"raw":' + json.dumps(line[:-1]) + "}\n")
+            # The exact sealed JSON the hash covers: the row's raw, and its columns (at flush).
+            self._pending.append(_Row(line[:-1], sealed_detail))
             if len(self._pending) >= self._batch_size:
                 self._wake.set()
         if self._forward is not None:
@@ -319,7 +371,7 @@ class AuditWriter:
 
     def emit_request(self, ctx: RequestContext) -> None:
         """The pipeline observer: one event per request."""
-        self.emit(request_event(ctx))
+        self.emit(request_event(ctx), ctx.sealed_detail or None)
 
     async def flush(self) -> None:
         """Write what is pending to DuckDB, then a signed checkpoint of the head, in a thread."""
@@ -349,7 +401,9 @@ class AuditWriter:
         own = self._checkpoint()
         checkpoints = [*checkpoints, own] if own is not None else checkpoints
         try:
-            await asyncio.to_thread(_insert, self._db, batch, self._spool, checkpoints)
+            await asyncio.to_thread(
+                _insert, self._db, batch, self._spool, checkpoints, self._cipher
+            )
         except Exception:
             # Keep the events for the next attempt rather than drop them.
             self._pending[:0] = batch
@@ -367,7 +421,8 @@ class AuditWriter:
         batch, self._pending = self._pending, []
         checkpoint = self._checkpoint()
         name = f"{HANDOFF_PREFIX}{self.chain.chain_id.replace(':', '_')}-{self.chain.seq:012d}"
-        lines = [*batch]
+        # Plaintext rows, for the owner to encrypt as it stores them (deleted once loaded).
+        lines = [_handoff_line(row) for row in batch]
         if checkpoint is not None:
             lines.append(json.dumps({"checkpoint": checkpoint}) + "\n")
         try:
@@ -465,15 +520,82 @@ def _open_append(path: str) -> IO[str]:
     return Path(path).open("a", encoding="utf-8", buffering=1)
 
 
-def _open_db(path: Path) -> duckdb.DuckDBPyConnection:
+def open_store(path: Path, cipher: FieldCipher | None) -> duckdb.DuckDBPyConnection:
+    """Open (create, migrate) the audit store; with a cipher, seal what it holds in plaintext.
+
+    A store not yet marked sealed (made before encryption, or by the bench's plaintext writer)
+    has every value sealed, then is compacted into a fresh file: the pages the old file freed
+    could still hold the plaintext. Only then is it marked, so a crash midway redoes both.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    connection = _connect(path)
+    if cipher is None or _marked_sealed(connection):
+        return connection
+    try:
+        done = reencrypt(connection, cipher, spool=path.parent)
+        connection.execute("CHECKPOINT")  # everything in the file, no WAL left beside it
+    finally:
+        connection.close()
+    _compact(path)
+    connection = _connect(path)
+    connection.execute("INSERT INTO audit_encryption VALUES ('enc1', now())")
+    if done.values:
+        log.info("audit.store_encrypted", **done.public())
+    return connection
+
+
+def _connect(path: Path) -> duckdb.DuckDBPyConnection:
     connection = duckdb.connect(str(path))
+    try:
+        _migrate(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _migrate(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute(_SCHEMA)
     for statement in _MIGRATE:
         connection.execute(statement)
+    detail_type = connection.execute(_DETAIL_TYPE).fetchone()
+    if detail_type is not None and detail_type[0] == "JSON":  # a store from before encryption
+        connection.execute("DROP VIEW IF EXISTS validation_hourly")  # it reads detail's JSON
+        connection.execute("ALTER TABLE audit_events ALTER COLUMN detail TYPE VARCHAR")
     connection.execute(_CHECKPOINTS)
     connection.execute(_HOURLY_VIEW)
-    return connection
+    connection.execute(_ENCRYPTION_STATE)
+
+
+def _marked_sealed(connection: duckdb.DuckDBPyConnection) -> bool:
+    return connection.execute("SELECT count(*) FROM audit_encryption").fetchone() != (0,)
+
+
+def _compact(path: Path) -> None:
+    """Copy the store into a fresh file and put it in the old one's place (same name)."""
+    wal = path.with_name(path.name + ".wal")
+    if wal.exists():  # never expected after a CHECKPOINT and close; never replaced under a WAL
+        log.warning("audit.compact_skipped", reason="a WAL is left beside the store")
+        return
+    fresh = path.with_name(f".{path.name}.compact")
+    for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+        leftover.unlink(missing_ok=True)  # an interrupted compaction's
+    quoted = str(path).replace("'", "''")
+    with duckdb.connect(str(fresh)) as target:
+        target.execute(f"ATTACH '{quoted}' AS previous (READ_ONLY)")  # our own file's path
+        row = target.execute("SELECT current_database()").fetchone()
+        name = str(row[0]).replace('"', '""') if row else "memory"
+        target.execute(f'COPY FROM DATABASE previous TO "{name}"')
+        target.execute("DETACH previous")
+        target.execute("CHECKPOINT")
+    with fresh.open("rb") as handle:
+        os.fsync(handle.fileno())
+    fresh.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _query(
@@ -492,7 +614,7 @@ class _Inbox:
 
     files: list[Path] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # from the CLI: to be sealed
-    sealed_rows: list[str] = field(default_factory=list)  # from other workers: as they are
+    sealed_rows: list[_Row] = field(default_factory=list)  # from other workers: as they are
     checkpoints: list[list[Any]] = field(default_factory=list)
     event_ids: set[str] = field(default_factory=set)  # of events and sealed rows
 
@@ -505,7 +627,7 @@ def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set
     """
     inbox = _Inbox(files=sorted(inbox_dir(db_path).glob("*.ndjson")))
     events: dict[str, dict[str, Any]] = {}
-    rows: dict[str, str] = {}
+    rows: dict[str, _Row] = {}
     for path in inbox.files:
         sealed = path.name.startswith(HANDOFF_PREFIX)
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -519,7 +641,7 @@ def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set
             if event_id in events or event_id in rows or event_id in taken:
                 continue
             if sealed:
-                rows[event_id] = line + "\n"
+                rows[event_id] = _handoff_row(item)
             else:
                 events[event_id] = item
     # One query for the whole inbox (a worker's hand-off is a batch, not one event).
@@ -538,16 +660,49 @@ def _read_inbox(connection: duckdb.DuckDBPyConnection, db_path: Path, taken: set
     return inbox
 
 
+class _Row(NamedTuple):
+    """A row waiting for DuckDB: the chained JSON line and the store-only detail (JSON text).
+
+    Both are encrypted at flush; the line gives the row's columns and its raw.
+    """
+
+    raw: str
+    sealed_detail: str | None = None
+
+
+def _handoff_line(row: _Row) -> str:
+    """A hand-off file's row: columns, the chained JSON in `raw`, any store-only detail.
+
+    Plaintext until the owner loads the file (and deletes it); the owner encrypts the row.
+    """
+    extra = f',"sealed_detail":{row.sealed_detail}' if row.sealed_detail else ""
+    return row.raw[:-1] + ',"raw":' + json.dumps(row.raw) + extra + "}\n"
+
+
+def _handoff_row(item: dict[str, Any]) -> _Row:
+    """A hand-off row read back; without a chained JSON, its columns (verify reports it)."""
+    private = item.get("sealed_detail")
+    sealed_detail = json.dumps(private, separators=(",", ":")) if private else None
+    raw = item.get("raw")
+    if isinstance(raw, str):
+        return _Row(raw, sealed_detail)
+    columns = {k: v for k, v in item.items() if k not in {"raw", "sealed_detail"}}
+    return _Row(json.dumps(columns, separators=(",", ":")), sealed_detail)
+
+
 def _insert(
     connection: duckdb.DuckDBPyConnection,
-    lines: list[str],
+    rows: list[_Row],
     spool: Path,
-    checkpoints: list[list[Any]] | None = None,
+    checkpoints: list[list[Any]] | None,
+    cipher: FieldCipher | None,
 ) -> None:
-    """Spool the batch as NDJSON beside the database; DuckDB reads it in one statement.
+    """Encrypt the batch, spool it as NDJSON beside the database; DuckDB reads it in one statement.
 
-    The checkpoints of the batch's chains go in the same transaction.
+    The spool file holds only ciphertext in the sensitive columns. The checkpoints of the
+    batch's chains go in the same transaction.
     """
+    lines = [row_line(row.raw, cipher, row.sealed_detail) for row in rows]
     fd, name = tempfile.mkstemp(prefix=".audit-batch-", suffix=".ndjson", dir=spool)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -9,6 +9,8 @@ columns against it. Checkpoints sign (chain, seq, hash, time) with an Ed25519 ke
 holding the public key can tell a real head from a rewritten one. Archival (gateway/archive/)
 removes a chain's oldest rows only together with a signed archive anchor (chain, seq, hash of
 the last archived row): the kept rows must link to it, and rows deleted without one still show.
+`raw`, `detail` and `user_agent` are stored encrypted: verification opens them (a value that
+does not open, plaintext included, is a problem of its row, never read as it is).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway import keys
+from empsecrets import files
+from empsecrets.fieldcrypt import DataKeyError
+from gateway.auditcrypt import decrypt, validation_counts
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     import duckdb
+
+    from empsecrets.fieldcrypt import FieldCipher
 
 GENESIS = "0" * 64
 SEAL_FIELDS = ("chain", "seq", "prev_hash", "hash")
@@ -112,18 +118,30 @@ def ensure_checkpoint_key(path: Path) -> bool:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    keys.write_private(path, pem)
+    files.write_private(path, pem)
     return True
 
 
 def load_checkpoint_key(path: Path) -> Ed25519PrivateKey:
     """The checkpoint signing key; a missing or foreign file raises ValueError naming it."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = path.read_bytes()
     except FileNotFoundError:
         raise ValueError(f"{path}: audit checkpoint key not found; run `gateway setup`") from None
+    return parse_checkpoint_key(pem, str(path))
+
+
+def parse_checkpoint_key(pem: bytes, source: str) -> Ed25519PrivateKey:
+    """The checkpoint signing key in PEM text; errors name source (a file or a reference).
+
+    The gateway reads it through its secret reference (gateway.keys.checkpoint_key).
+    """
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):  # never the text: it is key material
+        raise ValueError(f"{source}: the audit checkpoint key is not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: the audit checkpoint key must be an Ed25519 key")  # noqa: TRY004
+        raise ValueError(f"{source}: the audit checkpoint key must be an Ed25519 key")  # noqa: TRY004
     return key
 
 
@@ -146,13 +164,16 @@ class ChainReport:
 
 
 def verify(
-    connection: duckdb.DuckDBPyConnection, public: Ed25519PublicKey | None
+    connection: duckdb.DuckDBPyConnection, public: Ed25519PublicKey | None, cipher: FieldCipher
 ) -> list[ChainReport]:
     """Walk every chain in an audit store; each report names its first broken link (and more)."""
     # TIMESTAMPTZ reads back as microseconds (a datetime would need pytz in DuckDB).
     columns = ", ".join("epoch_us(time)" if c == "time" else c for c in CHECKED_COLUMNS)
+    # The derived `validation` and the store-only `sealed_detail` (outside the chain, but it
+    # must open); a scratch store restored from older archives may lack them.
+    extra = ", ".join(c if _has_column(connection, c) else "NULL" for c in _EXTRA_COLUMNS)
     rows = connection.execute(
-        f"SELECT chain, seq, prev_hash, hash, raw, {columns} FROM audit_events "  # noqa: S608 - fixed names
+        f"SELECT chain, seq, prev_hash, hash, raw, {columns}, {extra} FROM audit_events "  # noqa: S608 - fixed names
         "WHERE chain IS NOT NULL ORDER BY chain, seq"
     ).fetchall()
     reports: dict[str, ChainReport] = {}
@@ -167,10 +188,46 @@ def verify(
             report.first_seq = seq
         report.events += 1
         report.last_seq = seq
-        _check_row(report, previous.get(chain), seq, prev_hash, stored_hash, raw, row[5:])
+        opened = _opened(report, cipher, seq, raw, row[5:])
+        if opened is not None:
+            _check_row(report, previous.get(chain), seq, prev_hash, stored_hash, *opened)
         previous[chain] = (seq, stored_hash)
     _check_checkpoints(connection, reports, public)
     return list(reports.values())
+
+
+_EXTRA_COLUMNS = ("validation", "sealed_detail")
+_ENCRYPTED_AT = {
+    **{CHECKED_COLUMNS.index(name): name for name in ("user_agent", "detail")},
+    len(CHECKED_COLUMNS) + _EXTRA_COLUMNS.index("sealed_detail"): "sealed_detail",
+}
+
+
+def _has_column(connection: duckdb.DuckDBPyConnection, name: str) -> bool:
+    found = connection.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'audit_events' "
+        "AND column_name = ?",
+        [name],
+    ).fetchone()
+    return bool(found and found[0])
+
+
+def _opened(
+    report: ChainReport, cipher: FieldCipher, seq: int, raw: str | None, values: tuple[Any, ...]
+) -> tuple[str | None, tuple[Any, ...]] | None:
+    """The row's raw and columns, encrypted ones opened; None (and a problem) if one does not.
+
+    Tampered, moved from another row, plaintext, or under a key the ring does not hold.
+    """
+    event_id, opened = values[0], list(values)
+    try:
+        raw = decrypt(cipher, "raw", event_id, raw)
+        for index, name in _ENCRYPTED_AT.items():
+            opened[index] = decrypt(cipher, name, event_id, opened[index])
+    except DataKeyError as exc:
+        report.problems.append(f"seq {seq}: an encrypted column does not open ({exc})")
+        return None
+    return raw, tuple(opened[:-1])  # sealed_detail opened; the chain does not cover it
 
 
 def _check_row(  # noqa: PLR0917 - one row's fields, read in the order they are stored
@@ -207,8 +264,13 @@ def _check_row(  # noqa: PLR0917 - one row's fields, read in the order they are 
     ):  # fmt: skip
         report.problems.append(f"seq {seq}: chain fields differ from the sealed event (moved)")
         return
-    for name, value in zip(CHECKED_COLUMNS, values, strict=True):
-        if not _same(name, value, sealed.get(name)):
+    # The columns, then `validation`: the plaintext counts must be the sealed detail's.
+    expected = [
+        *(sealed.get(name) for name in CHECKED_COLUMNS),
+        validation_counts(sealed.get("detail")),
+    ]
+    for name, value, want in zip((*CHECKED_COLUMNS, "validation"), values, expected, strict=True):
+        if not _same(name, value, want):
             report.problems.append(f"seq {seq}: column {name} differs from the sealed event")
             return
 

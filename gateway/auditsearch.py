@@ -3,7 +3,9 @@
 Filters: since, until (ISO 8601), subject, decision (allow, deny), reason_id, route, kind.
 Pages of `limit` events (1-1000, newest first) with an opaque `cursor` for the next page;
 `format=json` (default), `ndjson` or `csv` (exports up to 10,000 events per request).
-Events come back exactly as sealed in the hash chain (`raw`), so an export can be verified.
+Events come back exactly as sealed in the hash chain (`raw`, decrypted), so an export can be
+verified. An event whose encrypted columns do not open is never shown: the search fails (500).
+The store-only detail (`sealed_detail`, outside the chain) is for the console's pages alone.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ import structlog
 from aiohttp import web
 from multidict import MultiDict
 
+from empsecrets.fieldcrypt import DataKeyError
+from gateway.auditcrypt import decrypt, decrypt_detail
 from gateway.pipeline import Denial
 
 if TYPE_CHECKING:
     import duckdb
 
+    from empsecrets.fieldcrypt import FieldCipher
     from gateway.audit import AuditWriter
     from gateway.pipeline import RequestContext
     from gateway.workers import RemoteSearch
@@ -40,6 +45,7 @@ CSV_COLUMNS = (
     "seq", "hash", "detail",
 )  # fmt: skip
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+SEALED_DETAIL = "sealed_detail"  # a search result's store-only detail, beside the chained event
 
 
 def parse_search(query: MultiDict[str] | None) -> dict[str, Any]:
@@ -102,9 +108,12 @@ def _decode_cursor(text: str) -> tuple[int, str]:
 
 
 def run_search(
-    cursor: duckdb.DuckDBPyConnection, search: dict[str, Any]
+    cursor: duckdb.DuckDBPyConnection, search: dict[str, Any], cipher: FieldCipher
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """The page of events (newest first) and the cursor of the next page, if any."""
+    """The page of events (newest first) and the cursor of the next page, if any.
+
+    DataKeyError when an event's encrypted columns do not open (tampered, moved, plaintext).
+    """
     clauses: list[str] = []
     params: list[Any] = []
     for name in sorted(_FILTERS & set(search)):
@@ -122,26 +131,40 @@ def run_search(
     where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
     sql = (
         "SELECT epoch_us(time), event_id, raw, CAST(time AS VARCHAR), kind, request_id, subject,"  # noqa: S608 - fixed fragments, values bound
-        " decision, reason_id, route, status, detail FROM audit_events "
+        " decision, reason_id, route, status, detail, sealed_detail FROM audit_events "
         f"{where} ORDER BY epoch_us(time) DESC, event_id DESC LIMIT ?"
     )
     rows = cursor.execute(sql, [*params, search["limit"] + 1]).fetchall()
     more = len(rows) > search["limit"]
     rows = rows[: search["limit"]]
-    items = [_event(row) for row in rows]
+    items = [_event(row, cipher) for row in rows]
     following = _encode_cursor(rows[-1][0], rows[-1][1]) if more and rows else None
     return items, following
 
 
-def _event(row: tuple[Any, ...]) -> dict[str, Any]:
-    if row[2] is not None:
-        sealed: dict[str, Any] = json.loads(row[2])
-        return sealed
-    # An event stored before the hash chain existed: its columns, unsealed.
-    names = ("time", "kind", "request_id", "subject", "decision", "reason_id", "route", "status")
-    event = dict(zip(names, row[3:11], strict=True))
-    event["event_id"], event["detail"] = row[1], json.loads(row[11]) if row[11] else {}
+def _event(row: tuple[Any, ...], cipher: FieldCipher) -> dict[str, Any]:
+    event_id = row[1]
+    raw = decrypt(cipher, "raw", event_id, row[2])
+    if raw is not None:
+        event: dict[str, Any] = json.loads(raw)
+    else:  # an event stored before the hash chain existed: its columns, unsealed
+        names = ("time", "kind", "request_id", "subject", "decision", "reason_id", "route",
+                 "status")  # fmt: skip
+        event = dict(zip(names, row[3:11], strict=True))
+        event["event_id"] = event_id
+        event["detail"] = decrypt_detail(cipher, event_id, row[11]) or {}
+    private = decrypt(cipher, "sealed_detail", event_id, row[12])
+    if private is not None:
+        event[SEALED_DETAIL] = json.loads(private)
     return event
+
+
+def exported(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as GET /admin/audit answers it: the chained event alone, verifiable.
+
+    The store-only detail is left out: the console's pages show it.
+    """
+    return {k: v for k, v in event.items() if k != SEALED_DETAIL}
 
 
 async def search_events(
@@ -163,7 +186,16 @@ async def search_events(
             log.warning("audit.search_unavailable", error=type(exc).__name__)
             raise Denial("internal.error", "the audit store is not reachable") from None
 
-    return await audit.search(lambda cursor: run_search(cursor, search), ask_owner)
+    try:
+        return await audit.search(
+            lambda cursor: run_search(cursor, search, audit.cipher), ask_owner
+        )
+    except DataKeyError as exc:
+        # Fail closed: no page rather than a page with an event that cannot be trusted.
+        log.error("audit.decrypt_failed", error=str(exc))  # noqa: TRY400 - no traceback needed
+        raise Denial(
+            "internal.error", "an audit event did not decrypt; run `gateway audit verify`"
+        ) from None
 
 
 async def serve_audit_search(
@@ -175,6 +207,7 @@ async def serve_audit_search(
     """
     search = parse_search(ctx.query)
     items, following = await search_events(audit, search, remote)
+    items = [exported(item) for item in items]
     headers = {"Cache-Control": "no-store", "X-Request-Id": ctx.request_id}
     if following is not None:
         headers["X-Next-Cursor"] = following

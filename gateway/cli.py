@@ -19,15 +19,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway import keyring, keys, tls
+from empsecrets.providers import SecretError
+from gateway import auditcrypt, keyring, keys, tls
 from gateway.audit import record_offline, system_event
-from gateway.auditchain import ensure_checkpoint_key
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.logs import configure_logging
 from gateway.oidc import DiscoveryError
 from gateway.policy import PolicyError
-from gateway.secrets.providers import SecretError
-from gateway.validation import anomaly
 from gateway.workers import SUPERVISOR_ENV, WorkerSlot, check_worker_config, supervise
 
 log = structlog.get_logger("gateway.cli")
@@ -186,12 +184,13 @@ def cmd_audit_verify(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Verify every chain and checkpoint; print one line per chain; 1 when anything is broken."""
     import duckdb  # noqa: PLC0415 - only this command opens the store here
 
-    from gateway.auditchain import load_checkpoint_key, verify  # noqa: PLC0415
+    from gateway.auditchain import verify  # noqa: PLC0415
 
     path = args.db or config.audit.db_path
     if not path.exists():
         raise FileNotFoundError(f"{path}: no audit store")
-    public = load_checkpoint_key(config.audit.checkpoint_key_file).public_key()
+    public = keys.checkpoint_key(config).public_key()
+    cipher = auditcrypt.load_cipher(config)  # no ring: refused (exit 2)
     try:
         connection = duckdb.connect(str(path), read_only=True)
     except duckdb.IOException as exc:
@@ -200,7 +199,7 @@ def cmd_audit_verify(config: GatewayConfig, args: argparse.Namespace) -> int:
             "gateway: curl http://127.0.0.1:9464/audit/verify"
         ) from None
     with connection:
-        reports = verify(connection, public)
+        reports = verify(connection, public, cipher)
     return print_chain_reports(reports)
 
 
@@ -231,9 +230,11 @@ def cmd_certs_dev(config: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(config: GatewayConfig, args: argparse.Namespace) -> int:
-    """Create the issuer's key ring, the TOTP and session keys, and the upstream secret."""
-    from gateway.identity.mfa import ensure_key_file  # noqa: PLC0415
+    """Create the issuer's key ring, the upstream secret, and the keys read by reference.
 
+    The session, TOTP, checkpoint and model keys go where their references point: the
+    keystore by default (created on first use). --force replaces the session and TOTP keys.
+    """
     issuer = config.issuer
     ring = keyring.keyring_path(issuer.key_dir)
     if args.force and ring.exists():
@@ -242,17 +243,13 @@ def cmd_keys_init(config: GatewayConfig, args: argparse.Namespace) -> int:
         print(f"wrote {ring}")  # noqa: T201
     if keys.ensure_upstream_secret(config.upstream.secret_file, force=args.force):
         print(f"wrote {config.upstream.secret_file}")  # noqa: T201
-    for path in (config.identity.mfa.secret_key_file, config.identity.sessions.key_file):
-        if args.force and path.exists():
-            path.unlink()
-        if ensure_key_file(path):
-            print(f"wrote {path}")  # noqa: T201
-    if ensure_checkpoint_key(config.audit.checkpoint_key_file):
-        print(f"wrote {config.audit.checkpoint_key_file}")  # noqa: T201
-    model_key = config.validation.model_key_file
-    if not model_key.exists():  # never replaced by --force: it would orphan every saved model
-        anomaly.ensure_key(model_key)
-        print(f"wrote {model_key}")  # noqa: T201
+    for key in keys.gateway_keys(config):
+        done = keys.provision_key(key, config.secrets, force=args.force)
+        if done:
+            print(done)  # noqa: T201
+    # Never replaced by --force: a new ring could not open the audit store's values.
+    if auditcrypt.provision(config):
+        print(f"wrote {config.encryption.data_keys} (the audit store's data keys)")  # noqa: T201
     return 0
 
 
@@ -380,6 +377,7 @@ def cmd_config_check(config: GatewayConfig, _args: argparse.Namespace) -> int:
     state = load_state(config)
     if config.tls.enabled:
         tls.server_context(config.tls)
+    auditcrypt.load_cipher(config)  # serve's store owner needs the data key ring
     print(f"config ok: {len(state.routes.routes)} routes, policy revision {state.engine.revision}")  # noqa: T201
     return 0
 

@@ -144,7 +144,15 @@ class MfaConfig:
     enforced: bool = False
     enforced_roles: tuple[str, ...] = ("admin",)
     issuer_name: str = "EMP gateway"  # the label authenticator apps show
-    secret_key_file: Path = Path("var/secrets/totp.key")
+    # The key that seals TOTP secrets: a secret reference. secret_key_file is the older
+    # spelling of secret_key = "file:PATH"; set one of them, not both.
+    secret_key: str | None = None
+    secret_key_file: Path | None = None
+
+    @property
+    def secret_key_reference(self) -> str:
+        """Where the TOTP sealing key comes from: secret_key, secret_key_file, or the keystore."""
+        return _key_reference(self.secret_key, self.secret_key_file, "keystore:totp-key")
 
 
 @dataclass(frozen=True)
@@ -161,10 +169,17 @@ class SessionConfig:
     """The browser session cookie (encrypted, HttpOnly, Secure, SameSite=Strict)."""
 
     cookie_name: str = "__Host-emp_session"
-    key_file: Path = Path("var/secrets/session.key")
+    # The key that seals the cookie: a secret reference; key_file is the older "file:PATH".
+    key: str | None = None
+    key_file: Path | None = None
     # How often a session's roles and status are compared with the account store: a disabled
     # user's browser session ends within this many seconds.
     revalidate_seconds: float = 60.0
+
+    @property
+    def key_reference(self) -> str:
+        """Where the cookie sealing key comes from: key, key_file, or the keystore."""
+        return _key_reference(self.key, self.key_file, "keystore:session-key")
 
 
 @dataclass(frozen=True)
@@ -223,7 +238,8 @@ class DecisionLogConfig:
     enabled: bool = True
     path: Path = Path("var/decisions.jsonl")
     erase: tuple[str, ...] = ()
-    mask: tuple[str, ...] = ()
+    # The EMP service seals employees' emails at rest; a ?email= lookup must not leave one here.
+    mask: tuple[str, ...] = ("/input/request/query/email",)
 
 
 @dataclass(frozen=True)
@@ -237,7 +253,16 @@ class AuditConfig:
     flush_interval_seconds: float = 0.5
     batch_size: int = 2000
     # Ed25519 key that signs the hash chain's checkpoints (gateway/auditchain.py); made by setup.
-    checkpoint_key_file: Path = Path("var/secrets/audit-checkpoint.key")
+    # A secret reference; checkpoint_key_file is the older spelling of "file:PATH".
+    checkpoint_key: str | None = None
+    checkpoint_key_file: Path | None = None
+
+    @property
+    def checkpoint_key_reference(self) -> str:
+        """Where the checkpoint key comes from: checkpoint_key, its _file, or the keystore."""
+        return _key_reference(
+            self.checkpoint_key, self.checkpoint_key_file, "keystore:audit-checkpoint-key"
+        )
 
 
 @dataclass(frozen=True)
@@ -301,8 +326,15 @@ class ValidationConfig:
 
     streams_file: Path = Path("config/streams.toml")
     model_dir: Path = Path("var/models")
-    model_key_file: Path = Path("var/secrets/model.key")  # HMAC key that signs model files
+    # The HMAC key that signs model files: a secret reference; model_key_file is "file:PATH".
+    model_key: str | None = None
+    model_key_file: Path | None = None
     model_check_seconds: float = 5.0  # how often a stream in use looks for a newer model
+
+    @property
+    def model_key_reference(self) -> str:
+        """Where the model signing key comes from: model_key, model_key_file, or the keystore."""
+        return _key_reference(self.model_key, self.model_key_file, "keystore:model-key")
 
 
 @dataclass(frozen=True)
@@ -353,6 +385,25 @@ class SecretsConfig:
     # The encrypted local keystore (`keystore:NAME` references, `gateway secrets keystore`).
     keystore_file: Path = Path("var/secrets/keystore.json")
     master_key_file: Path = Path("var/secrets/keystore.master")
+    # Vault, for `vault:MOUNT/PATH#FIELD` references; an empty address: no Vault.
+    vault_address: str = ""  # https://vault.example:8200 (plain http only to a loopback host)
+    vault_token: str = ""  # a reference to the token (file: or keystore:), never the token
+    vault_ca_file: Path | None = None  # None: the system's trust store
+    vault_namespace: str = ""
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """The data key ring that encrypts the audit store's sensitive columns (gateway/auditcrypt.py).
+
+    `data_keys` is a secret reference to the ring's JSON (`keystore:NAME`, `file:PATH`, ...),
+    never the keys. keystore_file and master_key_file say where `keystore:` references are
+    read; unset, the [secrets] keystore (a keystore of its own keeps the data keys apart).
+    """
+
+    data_keys: str = "keystore:gateway-data-keys"
+    keystore_file: Path | None = None
+    master_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +465,7 @@ class GatewayConfig:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
 
 
 T = TypeVar("T")
@@ -534,11 +586,56 @@ def _check(config: GatewayConfig) -> None:
     _check_siem(config.siem)
     _check_logging(config.logging)
     _check_secrets(config.secrets)
+    _check_key_references(config)
     _check_retention(config.retention)
+    _check_encryption(config)
     _check_console(config)
     for pointer in (*config.decision_log.erase, *config.decision_log.mask):
         if not pointer.startswith("/input/"):
             raise ConfigError(f"decision_log: {pointer!r} must be a JSON pointer into /input/")
+
+
+def _key_reference(reference: str | None, path: Path | None, default: str) -> str:
+    """The secret reference a key setting means: the reference, else the path, else default."""
+    if reference is not None:
+        return reference
+    return default if path is None else f"file:{path}"
+
+
+def _check_key_references(config: GatewayConfig) -> None:
+    """Each key setting is a well-formed reference, set one way only; vault: needs a Vault."""
+    identity, secrets = config.identity, config.secrets
+    settings = (
+        ("identity.mfa.secret_key", identity.mfa.secret_key, identity.mfa.secret_key_file),
+        ("identity.sessions.key", identity.sessions.key, identity.sessions.key_file),
+        ("audit.checkpoint_key", config.audit.checkpoint_key, config.audit.checkpoint_key_file),
+        ("validation.model_key", config.validation.model_key, config.validation.model_key_file),
+    )
+    for name, reference, path in settings:
+        if reference is not None and path is not None:
+            raise ConfigError(
+                f"{name} and {name}_file are both set: keep {name} (a secret reference; "
+                f'{name}_file = "PATH" is the older spelling of {name} = "file:PATH")'
+            )
+        if reference is not None:
+            _check_reference(name, reference, vault=bool(secrets.vault_address))
+    if bool(secrets.vault_address) != bool(secrets.vault_token):
+        raise ConfigError("secrets.vault_address and secrets.vault_token go together")
+    if secrets.vault_token:
+        _check_reference("secrets.vault_token", secrets.vault_token, vault=False)
+
+
+def _check_reference(name: str, reference: str, *, vault: bool) -> None:
+    from empsecrets.providers import SecretReferenceError, VaultReference, parse_reference  # noqa: PLC0415 - config stays light
+
+    try:
+        parsed = parse_reference(reference)
+    except SecretReferenceError as exc:  # its message never quotes the text: it may be a secret
+        raise ConfigError(f"{name}: {exc}") from None
+    if isinstance(parsed, VaultReference) and not vault:
+        if name == "secrets.vault_token":
+            raise ConfigError(f"{name}: the Vault token cannot come from Vault; use file:")
+        raise ConfigError(f"{name}: a vault: reference needs secrets.vault_address and vault_token")
 
 
 def _check_secrets(secrets: SecretsConfig) -> None:
@@ -584,6 +681,15 @@ def _check_console(config: GatewayConfig) -> None:
 
 
 MAX_RETENTION_DAYS = 36_500  # a century: beyond it a typo, not a policy
+
+
+def _check_encryption(config: GatewayConfig) -> None:
+    encryption = config.encryption
+    _check_reference(
+        "encryption.data_keys", encryption.data_keys, vault=bool(config.secrets.vault_address)
+    )
+    if (encryption.keystore_file is None) != (encryption.master_key_file is None):
+        raise ConfigError("encryption.keystore_file and encryption.master_key_file go together")
 
 
 def _check_retention(retention: RetentionConfig) -> None:

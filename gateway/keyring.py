@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import structlog
 from jwcrypto import jwk
 
+from empsecrets.files import exclusive_lock, write_private
 from gateway.jwks import parse_jwks
-from gateway.keys import SIGNING_KEYS_FILE, exclusive_lock, write_private
+from gateway.keys import SIGNING_KEYS_FILE
 
 if TYPE_CHECKING:
     from collections.abc import Callable

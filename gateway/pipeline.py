@@ -95,6 +95,9 @@ class RequestContext:
     message: str = ""
     upstream_ms: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # Detail for the audit store only, kept sealed there and never in the JSON lines, the chain
+    # or the SIEM: the values of a route's `sealed` fields (gateway/stages/validate.py).
+    sealed_detail: dict[str, Any] = field(default_factory=dict)
     # The audit event's kind: "request", or what a gateway-served endpoint did ("auth.login", ...).
     event: str = "request"
     # Who the request was about before anyone authenticated (the username a login tried).

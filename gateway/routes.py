@@ -24,7 +24,7 @@ _PARAM = re.compile(r"\{([a-z_][a-z0-9_]*)(?::((?:[^{}]|\{[^{}]*\})+))?\}")
 _DEFAULT_PARAM_PATTERN = "[^/]+"
 _KNOWN_KEYS = {
     "name", "methods", "path", "resource", "action", "schema", "record_schema",
-    "content_types", "max_body_bytes", "public", "rules", "served_by", "sensitive",
+    "content_types", "max_body_bytes", "public", "rules", "served_by", "sensitive", "sealed",
 }  # fmt: skip
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
@@ -51,6 +51,9 @@ class Route:
     served_by: str = "upstream"
     # Body fields whose values the audit event never shows ("***"), e.g. an employee's email.
     sensitive: frozenset[str] = frozenset()
+    # Body fields the EMP service seals at rest (docs/security/encryption.md): the audit trail's
+    # JSON lines show "***", and only the audit store keeps the value, sealed, for the console.
+    sealed: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ def _route(entry: dict[str, Any], index: int, schema_dir: Path) -> Route:
         rules=compile_rules(str(entry["name"]), entry["rules"]) if "rules" in entry else None,
         served_by=_served_by(entry.get("served_by", "upstream"), where),
         sensitive=frozenset(_names(entry.get("sensitive", []), f"{where}.sensitive")),
+        sealed=frozenset(_names(entry.get("sealed", []), f"{where}.sealed")),
     )
 
 

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from pathlib import Path
 
+    from empsecrets.fieldcrypt import DataKeyRing, FieldCipher
+
 
 # Under pytest-xdist, each worker process hands out ports from its own slice of a range below
 # the kernel's ephemeral ports (32768+): a port another worker, or an outgoing connection, has
@@ -178,3 +180,37 @@ def mint_dev_token(
         private, issuer=dev.issuer, audience=dev.audience, subject=sub, roles=list(roles),
         ttl_seconds=ttl,
     )  # fmt: skip
+
+
+def data_keys_config(directory: Path) -> str:
+    """An [encryption] table: the audit store's data keys in a keystore of their own in directory.
+
+    A test's keys stay beside its files, never in the checkout's var/; `gateway setup` (or
+    provision_data_keys) makes the ring there.
+    """
+    return (
+        "[encryption]\n"
+        f'keystore_file = "{directory}/keystore.json"\n'
+        f'master_key_file = "{directory}/keystore.master"\n'
+    )
+
+
+def provision_data_keys(directory: Path, ring: DataKeyRing | None = None) -> FieldCipher:
+    """Make the ring data_keys_config(directory) names, as `gateway setup` does; its cipher.
+
+    With `ring` (the one a test's store was written with), that ring is stored there instead.
+    """
+    from empsecrets.fieldcrypt import FieldCipher, provision_ring, resolve_ring  # noqa: PLC0415
+    from empsecrets.providers import Keystore, ProviderSettings  # noqa: PLC0415
+    from gateway.config import EncryptionConfig  # noqa: PLC0415
+
+    reference = EncryptionConfig().data_keys
+    settings = ProviderSettings(
+        keystore_file=directory / "keystore.json",
+        master_key_file=directory / "keystore.master",
+    )
+    if ring is not None:
+        keystore = Keystore.create(settings.keystore_file, settings.master_key_file)
+        keystore.put(reference.removeprefix("keystore:"), ring.dumps())
+    provision_ring(reference, settings)
+    return FieldCipher(resolve_ring(reference, settings))

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.keys import write_private
+from empsecrets.files import write_private
 
 if TYPE_CHECKING:
     from pathlib import Path

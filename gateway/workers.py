@@ -209,7 +209,7 @@ def search_app(audit: AuditWriter) -> web.Application:
         query: dict[str, Any] = await request.json()
         if "cursor" in query:
             query["cursor"] = tuple(query["cursor"])
-        items, following = await audit.run(lambda cursor: run_search(cursor, query))
+        items, following = await audit.run(lambda cursor: run_search(cursor, query, audit.cipher))
         return web.json_response({"items": items, "next": following})
 
     app = web.Application()

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import duckdb
 
+from empsecrets import providers
+from empsecrets.fieldcrypt import DataKeyError, provision_ring, ring_exists
 from upstream.config import UpstreamConfig, load_config, with_overrides
-from upstream.errors import SetupError
+from upstream.errors import SecretError, SetupError
 from upstream.migrations import (
     MIGRATIONS_DIR,
     apply_pending,
@@ -22,6 +24,7 @@ from upstream.migrations import (
     discover_migrations,
     plan_migrations,
 )
+from upstream.sealing import compact_database, count_sealed
 from upstream.server import serve
 
 
@@ -57,18 +60,55 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_db_init(args: argparse.Namespace) -> int:
-    """Apply pending migrations, creating the database file if needed."""
-    path = _config(args).database.path
+    """Apply pending migrations, creating the database file and its data key ring if needed."""
+    config = _config(args)
+    path = config.database.path
     migrations = discover_migrations()
     path.parent.mkdir(parents=True, exist_ok=True)
     with _connect(path) as connection:
         applied = apply_pending(connection, migrations)
+        sealed = count_sealed(connection)
+    _provision_ring(config, sealed_values=sealed)
     for migration in applied:
         _say(f"applied {migration.label}")
     if not applied:
         _say(f"nothing to apply: {path} is up to date")
     else:
         _say(f"{path} is up to date ({len(applied)} migration(s) applied)")
+    return 0
+
+
+def _provision_ring(config: UpstreamConfig, *, sealed_values: int) -> None:
+    reference, settings = config.encryption.data_keys, config.provider_settings
+    try:
+        if sealed_values and not ring_exists(reference, settings):
+            # A new ring could open none of them: the old ring is lost or misnamed.
+            raise SecretError(
+                f"the database holds {sealed_values} sealed values but {reference} holds no"
+                " data key ring; restore the keystore (or fix [encryption] data_keys)"
+            )
+        if provision_ring(reference, settings):
+            _say(f"made the data key ring {reference}")
+    except (providers.SecretError, DataKeyError) as error:
+        raise SecretError(f"the data key ring {reference} cannot be used: {error}") from None
+
+
+def run_db_compact(args: argparse.Namespace) -> int:
+    """Rewrite the database into a fresh file, so no freed block keeps an old value.
+
+    DuckDB reuses freed blocks but does not wipe them: after sealing rows written before
+    encryption, or after a key rotation, the old plaintext or ciphertext stays in the file
+    until this runs. The service must be stopped (DuckDB allows one process per file).
+    """
+    path = _config(args).database.path
+    if not path.is_file():
+        raise SetupError(f"database {path} does not exist")
+    fresh = path.with_name(f"{path.name}.compact")
+    fresh.unlink(missing_ok=True)
+    with _connect(path):
+        pass  # fails clearly while the server holds the file
+    counts = compact_database(path, fresh)
+    _say(f"compacted {path}: " + ", ".join(f"{table} {rows}" for table, rows in counts.items()))
     return 0
 
 
@@ -120,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     init_parser = db_commands.add_parser("init", help="apply pending migrations")
     _add_config_options(init_parser)
     init_parser.set_defaults(run=run_db_init)
+    compact_parser = db_commands.add_parser(
+        "compact", help="rewrite the file so freed blocks keep no old value (service stopped)"
+    )
+    _add_config_options(compact_parser)
+    compact_parser.set_defaults(run=run_db_compact)
     status_parser = db_commands.add_parser("status", help="list applied and pending migrations")
     _add_config_options(status_parser)
     status_parser.set_defaults(run=run_db_status)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from empsecrets.providers import ProviderSettings, SecretReferenceError, parse_reference
 from upstream.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("config/upstream.toml")
@@ -54,6 +55,28 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EncryptionConfig:
+    """Where the data key ring that seals sensitive columns comes from (upstream/sealing.py).
+
+    `data_keys` is a secret reference (`keystore:NAME`, `file:PATH` or `env:NAME`), never
+    the keys. The keystore and its master key default to ``secrets/keystore.json`` and
+    ``secrets/keystore.master`` in the database file's directory (var/ in a checkout).
+    """
+
+    data_keys: str = "keystore:emp-data-keys"
+    keystore_file: Path | None = None
+    master_key_file: Path | None = None
+
+    def provider_settings(self, database_path: Path) -> ProviderSettings:
+        """Where `keystore:` references are read, for a database at `database_path`."""
+        secrets_dir = database_path.parent / "secrets"
+        return ProviderSettings(
+            keystore_file=self.keystore_file or secrets_dir / "keystore.json",
+            master_key_file=self.master_key_file or secrets_dir / "keystore.master",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """Every setting of the service, checked once at start."""
 
@@ -61,6 +84,12 @@ class UpstreamConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+
+    @property
+    def provider_settings(self) -> ProviderSettings:
+        """Where this service's `keystore:` references are read."""
+        return self.encryption.provider_settings(self.database.path)
 
 
 def _text(key: str, value: object) -> str:
@@ -79,6 +108,15 @@ def _port(key: str, value: object) -> int:
 def _path(key: str, value: object) -> Path:
     # Relative paths resolve against the current working directory, once, here.
     return Path(_text(key, value)).absolute()
+
+
+def _reference(key: str, value: object) -> str:
+    text = _text(key, value)
+    try:
+        parse_reference(text)
+    except SecretReferenceError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    return text
 
 
 MAX_RETENTION_DAYS = 36_500  # a century: beyond it a typo, not a policy
@@ -101,6 +139,10 @@ _SCHEMA: Mapping[str, tuple[type[Any], Mapping[str, _Parser]]] = {
     "retention": (
         RetentionConfig,
         {"archive_dir": _path, "ingest_records_days": _days, "ingest_quarantine_days": _days},
+    ),
+    "encryption": (
+        EncryptionConfig,
+        {"data_keys": _reference, "keystore_file": _path, "master_key_file": _path},
     ),
 }
 

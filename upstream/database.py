@@ -17,6 +17,7 @@ import duckdb
 
 from upstream.errors import ApiError, MigrationError, ReasonId
 from upstream.migrations import discover_migrations, ensure_current
+from upstream.sealing import Sealer, reseal_batch
 
 T = TypeVar("T")
 Cursor = duckdb.DuckDBPyConnection
@@ -30,16 +31,25 @@ _RETRY_PAUSE_SECONDS = 0.002
 
 
 class Database:
-    """One DuckDB connection shared by per-call cursors (each is its own connection)."""
+    """One DuckDB connection shared by per-call cursors (each is its own connection).
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    `sealer` seals and opens the sensitive columns; a key rotation replaces it whole, so a
+    call reads it once and uses that one throughout.
+    """
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection, sealer: Sealer) -> None:
         self._connection = connection
+        self.sealer = sealer
         self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="duckdb-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="duckdb-write")
 
     @classmethod
-    def open(cls, path: Path) -> "Database":
-        """Connect to an existing, fully migrated database file, or raise MigrationError."""
+    def open(cls, path: Path, sealer: Sealer) -> "Database":
+        """Connect to an existing, fully migrated database file, or raise MigrationError.
+
+        Rows not sealed under the current key (written before encryption, or left by a
+        rotation that was interrupted) are sealed before the first request.
+        """
         if not path.is_file():
             raise MigrationError(
                 f"database {path} does not exist; run `python -m upstream db init`"
@@ -50,7 +60,30 @@ class Database:
         except BaseException:
             connection.close()
             raise
-        return cls(connection)
+        database = cls(connection, sealer)
+        try:
+            database.reseal_all(sealer)
+        except BaseException:
+            database.close()
+            raise
+        return database
+
+    def reseal_all(self, sealer: Sealer) -> dict[str, int]:
+        """Seal every row under `sealer`'s current key, a batch per transaction; counts by table.
+
+        Blocking: call it from a thread. Each batch runs on the writer thread, between other
+        writes; rows written meanwhile are sealed under the current key already.
+        """
+        self.sealer = sealer
+        totals: dict[str, int] = {}
+        while True:
+            counts = self._writer.submit(
+                self._run_write, lambda cursor: reseal_batch(cursor, sealer)
+            ).result()
+            for table, count in counts.items():
+                totals[table] = totals.get(table, 0) + count
+            if not any(counts.values()):
+                return totals
 
     def close(self) -> None:
         """Finish queued work, then release the database file."""

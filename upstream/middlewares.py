@@ -12,6 +12,7 @@ import duckdb
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from empsecrets.fieldcrypt import DataKeyError
 from upstream.errors import ApiError, ReasonId
 from upstream.trust import TrustedSecrets
 
@@ -87,6 +88,16 @@ def json_errors() -> Middleware:
             logger.exception("database error on %s %s", request.method, request.path)
             return error_response(
                 500, ReasonId.INTERNAL_ERROR, "internal database error", _request_id(request)
+            )
+        except DataKeyError as error:
+            # A sealed value that does not open: tampering, or a key missing from the ring.
+            # Fail closed, and say which key (never a value) in the log only.
+            logger.error("sealed value refused on %s %s: %s", request.method, request.path, error)  # noqa: TRY400  # the message is the story
+            return error_response(
+                500,
+                ReasonId.INTERNAL_ERROR,
+                "a stored value cannot be decrypted",
+                _request_id(request),
             )
 
     return impl

@@ -6,6 +6,8 @@ is read back, its chains verified, and the first kept row checked to link to the
 one. Then, in one transaction, the rows are deleted and a signed archive anchor (chain, seq,
 hash) is recorded, so `gateway audit verify` accepts the chain starting after the anchor. It
 still reports rows deleted without one. Must never delete a row that is not in a verified file.
+The Parquet files hold the rows as stored, their sensitive columns encrypted (verification
+opens them with the data key ring, which keeps its old keys for these archives).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from empsecrets.fieldcrypt import FieldCipher
 
     Observe = Callable[[str, str], None]
 
@@ -134,13 +138,14 @@ def archive_audit(
     run_id: str,
     cutoff: datetime,
     key: Ed25519PrivateKey | None,
+    cipher: FieldCipher,
     observe: Observe,
 ) -> list[TableResult]:
     """Archive the events older than cutoff and their checkpoints; one result per table."""
     events, checkpoints = TableResult(EVENTS), TableResult(CHECKPOINTS)
     try:
         _archive(cursor, events, checkpoints, root=root, run_id=run_id, cutoff=cutoff, key=key,
-                 observe=observe)  # fmt: skip
+                 cipher=cipher, observe=observe)  # fmt: skip
     except (ArchiveError, duckdb.Error, OSError) as exc:
         for result in (events, checkpoints):
             result.fail(str(exc))
@@ -156,6 +161,7 @@ def _archive(
     run_id: str,
     cutoff: datetime,
     key: Ed25519PrivateKey | None,
+    cipher: FieldCipher,
     observe: Observe,
 ) -> None:
     ensure_log(cursor)
@@ -170,7 +176,7 @@ def _archive(
     events.files = [files.events.parquet.name]
     checkpoints.files = [files.checkpoints.parquet.name]
     observe(EVENTS, "exported")
-    verification = _verify(cursor, plan, files, key)
+    verification = _verify(cursor, plan, files, key, cipher)
     events.verification = verification
     _write_manifests(plan, files, run_id, verification)
     if not _passed(verification):
@@ -226,12 +232,13 @@ def _verify(
     plan: AuditPlan,
     files: _Files,
     key: Ed25519PrivateKey | None,
+    cipher: FieldCipher,
 ) -> dict[str, Any]:
     """Read both files back, walk the archived chains, and check each cut links to what stays."""
     return {
         "events": check(files.events, plan.events, files.events_sha256),
         "checkpoints": check(files.checkpoints, plan.checkpoints, files.checkpoints_sha256),
-        "chains": _chain_problems(cursor, plan, files, key),
+        "chains": _chain_problems(cursor, plan, files, key, cipher),
         "cut": _cut_problems(cursor, plan),
     }
 
@@ -241,6 +248,7 @@ def _chain_problems(
     plan: AuditPlan,
     files: _Files,
     key: Ed25519PrivateKey | None,
+    cipher: FieldCipher,
 ) -> list[str]:
     """`verify` over the archive files, linked to each chain's previous anchor (if any)."""
     anchors = cursor.execute(
@@ -256,7 +264,8 @@ def _chain_problems(
         memory.execute(ANCHORS_TABLE)
         for anchor in anchors:
             memory.execute(_INSERT_ANCHOR, list(anchor))
-        reports = {r.chain: r for r in verify(memory, key.public_key() if key else None)}
+        public = key.public_key() if key else None
+        reports = {r.chain: r for r in verify(memory, public, cipher)}
         problems = [f"chain {r.chain}: {p}" for r in reports.values() for p in r.problems]
         for cut in plan.cuts:
             report = reports.get(cut.chain)

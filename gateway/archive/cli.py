@@ -18,12 +18,13 @@ import duckdb
 from gateway import keys
 from gateway.archive.job import ArchiveJob, UpstreamArchive, record_report
 from gateway.audit import record_offline
-from gateway.auditchain import load_checkpoint_key
+from gateway.auditcrypt import load_cipher
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
 
+    from empsecrets.fieldcrypt import FieldCipher
     from gateway.config import GatewayConfig
 
 T = TypeVar("T")
@@ -60,8 +61,9 @@ def cmd_archive_run(config: GatewayConfig, _args: argparse.Namespace) -> int:
 class _OwnStore:
     """The audit store this process opened (the gateway is stopped)."""
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, cipher: FieldCipher) -> None:
         self._connection = connection
+        self.cipher = cipher
 
     async def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         return await asyncio.to_thread(self._on_cursor, work)
@@ -88,8 +90,8 @@ async def _run_here(config: GatewayConfig, connection: duckdb.DuckDBPyConnection
         )
     job = ArchiveJob(
         retention=retention,
-        store=_OwnStore(connection),
-        checkpoint_key=load_checkpoint_key(audit.checkpoint_key_file),
+        store=_OwnStore(connection, load_cipher(config)),  # no ring: refused (exit 2)
+        checkpoint_key=keys.checkpoint_key(config),
         decision_log=log_path,
         rotate=lambda: rotate_file(log_path),  # no writer runs: the store's lock says so
         upstream=upstream,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import duckdb
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from empsecrets.fieldcrypt import FieldCipher
     from gateway.app import GatewayState
     from gateway.config import RetentionConfig
     from gateway.metrics import GatewayMetrics
@@ -49,6 +50,11 @@ _STOP_WAIT_SECONDS = 30.0
 
 class AuditStore(Protocol):
     """Runs work on a cursor of the audit store, in a thread (AuditWriter.run, or the CLI's)."""
+
+    @property
+    def cipher(self) -> FieldCipher:
+        """What opens the store's encrypted columns (archives are verified opened)."""
+        ...
 
     async def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """The work's result."""
@@ -184,6 +190,7 @@ class ArchiveJob:
         cutoff = now - timedelta(days=self._retention.audit_days)
         root = self._retention.archive_dir
         try:
+            cipher = self._store.cipher
             return await self._store.run(
                 lambda cursor: archive_audit(
                     cursor,
@@ -191,6 +198,7 @@ class ArchiveJob:
                     run_id=run_id,
                     cutoff=cutoff,
                     key=self._key,
+                    cipher=cipher,
                     observe=self._observe,
                 )
             )

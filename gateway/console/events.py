@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.auditsearch import SEALED_DETAIL
+
 # Routes whose `description` change is a ticket description: the one field that allows markup.
 MARKUP_ROUTES = frozenset({"tickets.create", "tickets.replace", "tickets.update"})
 _RAW_CHARS = 4000  # the raw JSON shown per event; the export (GET /admin/audit) has it whole
@@ -26,11 +28,20 @@ def as_text(value: Any) -> str:
 
 
 def event_view(event: dict[str, Any]) -> dict[str, Any]:
-    """What the audit page shows of one event; every string is escaped by the template."""
-    detail = _mapping(event.get("detail"))
-    changes = _mapping(detail.get("changes"))
+    """What the audit page shows of one event; every string is escaped by the template.
+
+    The store-only detail (values of fields the EMP service seals, "***" in the chained
+    event) is shown in their place; the raw JSON stays the chained event's.
+    """
+    private = _mapping(event.get(SEALED_DETAIL))
+    chained = {k: v for k, v in event.items() if k != SEALED_DETAIL}
+    detail = {**_mapping(event.get("detail")), **private}
+    changes = {
+        **_mapping(_mapping(event.get("detail")).get("changes")),
+        **_mapping(private.get("changes")),
+    }
     description = changes.get("description")
-    raw = json.dumps(event, indent=1, sort_keys=True, ensure_ascii=False)
+    raw = json.dumps(chained, indent=1, sort_keys=True, ensure_ascii=False)
     return {
         **{name: as_text(event.get(name)) for name in _COLUMNS},
         "roles": ", ".join(str(r) for r in event.get("roles") or []),

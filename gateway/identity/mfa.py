@@ -21,8 +21,8 @@ import segno
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from empsecrets.files import write_private
 from gateway.identity.state import account_key
-from gateway.keys import write_private
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -36,14 +36,19 @@ TAG_BYTES = 16
 SEALED_PREFIX = "v1."
 RECOVERY_CODE_CHARS = 16  # 80 bits of base32
 _BASE32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+_KEY_HINT = "`gateway setup` creates it"
+
+
+def new_sealing_key() -> str:
+    """A new sealing key as its reader expects it: 32 random bytes, base64url."""
+    return base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
 
 
 def ensure_key_file(path: Path) -> bool:
     """Create the sealing key file (32 random bytes, base64, 0600) unless it exists; True if so."""
     if path.exists():
         return False
-    encoded = base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
-    write_private(path, encoded + "\n")
+    write_private(path, new_sealing_key() + "\n")
     return True
 
 
@@ -65,19 +70,26 @@ class SecretBox:
     @classmethod
     def from_file(cls, path: Path) -> SecretBox:
         """The box for the key in path; a missing, short or garbled key refuses to start."""
-        hint = "`gateway setup` creates it"
         try:
-            text = path.read_text(encoding="ascii").strip()
+            text = path.read_text(encoding="ascii")
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: sealing key file missing; {hint}") from None
+            raise FileNotFoundError(f"{path}: sealing key file missing; {_KEY_HINT}") from None
         except (UnicodeDecodeError, ValueError):
-            raise ValueError(f"{path}: sealing key is not base64 text; {hint}") from None
+            raise ValueError(f"{path}: sealing key is not base64 text; {_KEY_HINT}") from None
+        return cls.from_text(text, str(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str) -> SecretBox:
+        """The box for a key in base64 text from source (a file or a secret reference).
+
+        A short or garbled key raises ValueError naming source, never the text.
+        """
         try:
-            key = base64.b64decode(text, altchars=b"-_", validate=True)
-        except binascii.Error:
-            raise ValueError(f"{path}: sealing key is not base64 text; {hint}") from None
+            key = base64.b64decode(text.strip(), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{source}: sealing key is not base64 text; {_KEY_HINT}") from None
         if len(key) != KEY_BYTES:
-            raise ValueError(f"{path}: sealing key must be {KEY_BYTES} bytes; {hint}")
+            raise ValueError(f"{source}: sealing key must be {KEY_BYTES} bytes; {_KEY_HINT}")
         return cls(key)
 
     def seal(self, plaintext: bytes, *, context: str) -> str:

@@ -4,8 +4,9 @@ check: every secret the gateway holds, its age against its limit. Exit status 0 
 secret is within its limit (some may be due soon), 1 when any is overdue, expiring, expired,
 missing or unreadable (a cron job or CI gate acts on it), 2 on a bad configuration.
 
-rotate: what can be rotated with no downtime: the signing key (the key ring's overlap) and the
-upstream secret (accepted beside the old one, which stays accepted for --overlap-seconds).
+rotate: what can be rotated with no downtime: the signing key (the key ring's overlap), the
+upstream secret (accepted beside the old one, which stays accepted for --overlap-seconds) and
+the audit store's data keys (a new current key, then every stored value re-encrypted under it).
 Every rotation, and every dry run, leaves an audit event. Values are never printed.
 """
 
@@ -17,11 +18,16 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from empsecrets.providers import Keystore
 from gateway.audit import record_offline, system_event
 from gateway.logs import register_secret
 from gateway.secrets.inventory import as_json, inventory, render
-from gateway.secrets.providers import Keystore
-from gateway.secrets.rotate import RotationError, rotate_upstream_secret
+from gateway.secrets.rotate import (
+    DATA_KEY_NAME,
+    RotationError,
+    rotate_data_keys,
+    rotate_upstream_secret,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -40,7 +46,8 @@ def register(sub: Any) -> None:
     check.add_argument("--json", action="store_true", help="print JSON instead of a table")
     check.set_defaults(func=cmd_secrets_check)
     rotate = group.add_parser(
-        "rotate", help="rotate a secret with no downtime (signing_key, upstream_secret)"
+        "rotate",
+        help=f"rotate a secret with no downtime (signing_key, upstream_secret, {DATA_KEY_NAME})",
     )
     rotate.add_argument("name", help="a name `secrets check` lists")
     rotate.add_argument(
@@ -53,6 +60,11 @@ def register(sub: Any) -> None:
     rotate.add_argument(
         "--wait-seconds", type=float, default=10.0,
         help="upstream_secret: how long to wait for the EMP service to accept the new one",
+    )  # fmt: skip
+    rotate.add_argument(
+        "--batch-size", type=int, default=2000,
+        help=f"{DATA_KEY_NAME}: rows re-encrypted per transaction with the gateway stopped "
+        "(default 2000, as a running gateway does)",
     )  # fmt: skip
     rotate.set_defaults(func=cmd_secrets_rotate)
     _register_keystore(group)
@@ -101,6 +113,8 @@ def cmd_secrets_rotate(config: GatewayConfig, args: argparse.Namespace) -> int:
         from gateway.cli import cmd_keys_rotate  # noqa: PLC0415 - the same path as `keys rotate`
 
         return cmd_keys_rotate(config, args)
+    if name == DATA_KEY_NAME:
+        return _rotate_data_keys(config, args)
     if name != "upstream_secret":
         known = {state.name: state.kind for state in inventory(config)}
         if name not in known:
@@ -126,6 +140,25 @@ def cmd_secrets_rotate(config: GatewayConfig, args: argparse.Namespace) -> int:
     summary = rotation.public()
     kind = "secrets.rotation_planned" if args.dry_run else "secrets.rotated"
     _audit(config, kind, subject, **summary)
+    print(json.dumps({"dry_run": args.dry_run, **summary}, indent=2))  # noqa: T201
+    return 0
+
+
+def _rotate_data_keys(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """A new current data key, then every audit value re-encrypted under it (audited)."""
+    if args.batch_size < 1:
+        print("gateway: --batch-size must be at least 1", file=sys.stderr)  # noqa: T201
+        return 2
+    subject = getpass.getuser()
+    try:
+        rotation = rotate_data_keys(config, dry_run=args.dry_run, batch_size=args.batch_size)
+    except RotationError as exc:
+        _audit(config, "secrets.rotation_failed", subject, name=DATA_KEY_NAME, error=str(exc))
+        print(f"gateway: rotation failed: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    summary = rotation.public()
+    _audit(config, "secrets.rotation_planned" if args.dry_run else "secrets.rotated", subject,
+           **summary)  # fmt: skip
     print(json.dumps({"dry_run": args.dry_run, **summary}, indent=2))  # noqa: T201
     return 0
 

@@ -1,9 +1,11 @@
 """Every secret the gateway holds, with its age and its limit (`gateway secrets check`, metrics).
 
-Nothing here reads a secret's value: ages come from the key ring's `created_at`, the account
-store's `rotated_at`, a certificate's validity dates, and for plain secret files from the
-file's modification time (written once by `gateway setup`, rewritten by each rotation; a copy
-that does not keep modification times makes a secret look younger than it is).
+Nothing here shows a secret's value: a key read by reference is listed by its reference, and
+ages come from the key ring's `created_at`, the account store's `rotated_at`, a certificate's
+validity dates, the keystore's date of each version (listed without decrypting), Vault's
+`created_time`, and for plain secret files from the file's modification time (written once by
+`gateway setup`, rewritten by each rotation; a copy that does not keep modification times
+makes a secret look younger than it is). An `env:` secret's age is unknown.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from cryptography import x509
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from empsecrets.providers import KeystoreEntry
     from gateway.config import GatewayConfig, SecretsConfig
+    from gateway.keys import GatewayKey
 
 Status = Literal["ok", "due", "overdue", "expiring", "expired", "missing", "unreadable"]
 FAILING: frozenset[str] = frozenset({"overdue", "expiring", "expired", "missing", "unreadable"})
@@ -32,7 +36,7 @@ class SecretState:
 
     name: str  # stable: the metric label and the name in `secrets.limits`
     kind: Literal["signing_key", "shared_secret", "key", "client_secret", "certificate"]
-    source: str  # a path or an account-store name; never the value
+    source: str  # a secret reference, a path or an account-store name; never the value
     status: Status
     age_seconds: float | None
     max_age_seconds: float | None  # None: limited by expiry, not by age (certificates)
@@ -86,15 +90,16 @@ def _aged(
 
 
 def _secret_file(
-    config: SecretsConfig, name: str, kind: Any, path: Path, now: float
+    config: SecretsConfig, name: str, kind: Any, path: Path, now: float, *, source: str = ""
 ) -> SecretState:
+    source = source or str(path)
     try:
         mtime = path.stat().st_mtime
     except FileNotFoundError:
-        return SecretState(name, kind, str(path), "missing", None, max_age_seconds(config, name))
+        return SecretState(name, kind, source, "missing", None, max_age_seconds(config, name))
     except OSError as exc:
-        return SecretState(name, kind, str(path), "unreadable", None, None, note=exc.strerror or "")
-    return _aged(config, name, kind, str(path), created_at=mtime, now=now)
+        return SecretState(name, kind, source, "unreadable", None, None, note=exc.strerror or "")
+    return _aged(config, name, kind, source, created_at=mtime, now=now)
 
 
 def _signing_keys(config: SecretsConfig, key_dir: Path, now: float) -> SecretState:
@@ -172,18 +177,39 @@ def _client_secrets(config: SecretsConfig, db_path: Path, now: float) -> list[Se
     ]
 
 
-def _keystore(config: SecretsConfig, now: float) -> list[SecretState]:
-    """The keystore's master key (a provider credential) and each entry, when there is one."""
-    from gateway.secrets.providers import Keystore, SecretError  # noqa: PLC0415 - on use
+class _KeystoreListing:
+    """The keystore's entries, listed once (no value decrypted), or why they cannot be."""
 
-    if not config.keystore_file.exists():
+    def __init__(self, config: SecretsConfig) -> None:
+        from empsecrets.providers import Keystore, SecretError  # noqa: PLC0415 - on use
+
+        self.path = config.keystore_file
+        self.exists = self.path.exists()
+        self.entries: dict[str, KeystoreEntry] = {}
+        self.error = ""
+        if not self.exists:
+            return
+        try:
+            listed = Keystore.open(self.path, config.master_key_file).list()
+        except (SecretError, OSError) as exc:
+            self.error = str(exc)
+            return
+        self.entries = {entry.name: entry for entry in listed}
+
+
+def _keystore(
+    config: SecretsConfig, listing: _KeystoreListing, referenced: set[str], now: float
+) -> list[SecretState]:
+    """The keystore's master key (a provider credential) and each entry no key setting names."""
+    if not listing.exists:
         return []
     master = _secret_file(config, "keystore_master", "key", config.master_key_file, now)
-    try:
-        entries = Keystore.open(config.keystore_file, config.master_key_file).list()
-    except (SecretError, OSError) as exc:
-        name, path = "keystore:*", str(config.keystore_file)
-        return [master, SecretState(name, "key", path, "unreadable", None, None, note=str(exc))]
+    if listing.error:
+        name, path = "keystore:*", str(listing.path)
+        return [
+            master,
+            SecretState(name, "key", path, "unreadable", None, None, note=listing.error),
+        ]
     return [
         master,
         *(
@@ -191,40 +217,93 @@ def _keystore(config: SecretsConfig, now: float) -> list[SecretState]:
                 config,
                 f"keystore:{entry.name}",
                 "shared_secret",
-                f"{config.keystore_file} (version {entry.version})",
+                f"{listing.path} (version {entry.version})",
                 created_at=entry.created_at.timestamp(),
                 now=now,
             )
-            for entry in entries
+            for name, entry in sorted(listing.entries.items())
+            if name not in referenced
         ),
     ]
 
 
+def _referenced_key(
+    config: GatewayConfig, key: GatewayKey, listing: _KeystoreListing, now: float
+) -> SecretState:
+    """A key read by reference: listed by its reference, aged where its provider knows when."""
+    from empsecrets import providers  # noqa: PLC0415 - on use
+
+    limits, name, source = config.secrets, key.name, key.reference
+    reference = providers.parse_reference(source)
+    if isinstance(reference, providers.FileReference):
+        return _secret_file(limits, name, "key", reference.path, now, source=source)
+    if isinstance(reference, providers.KeystoreReference):
+        entry = listing.entries.get(reference.name)
+        if listing.error or entry is None:
+            status: Status = "unreadable" if listing.error else "missing"
+            note = listing.error or f"no such entry in {listing.path}; run `gateway setup`"
+            return SecretState(name, "key", source, status, None, None, note=note)
+        return _aged(limits, name, "key", source, created_at=entry.created_at.timestamp(),
+                     now=now, note=f"{source}, version {entry.version}")  # fmt: skip
+    if isinstance(reference, providers.EnvReference):
+        # Resolving would delete the variable (and the gateway deleted it at start already).
+        return _age_unknown(limits, key, "env: the provider keeps no date")
+    return _vault_key(config, key, now)
+
+
+def _age_unknown(config: SecretsConfig, key: GatewayKey, why: str) -> SecretState:
+    limit = max_age_seconds(config, key.name)
+    note = f"{key.reference}: {why}; the age is unknown"
+    return SecretState(key.name, "key", key.reference, "ok", None, limit, note=note)
+
+
+def _vault_key(config: GatewayConfig, key: GatewayKey, now: float) -> SecretState:
+    """Vault knows a version's created_time, but tells it with the value: read, then dropped."""
+    from empsecrets.providers import SecretError, SecretNotFoundError, resolve  # noqa: PLC0415
+    from gateway.keys import provider_settings  # noqa: PLC0415 - on use, like every provider
+
+    limits, name, source = config.secrets, key.name, key.reference
+    try:
+        secret = resolve(source, settings=provider_settings(limits))
+    except SecretNotFoundError as exc:
+        return SecretState(name, "key", source, "missing", None, None, note=str(exc))
+    except SecretError as exc:
+        return SecretState(name, "key", source, "unreadable", None, None, note=str(exc))
+    if secret.created_at is None:
+        return _age_unknown(limits, key, "Vault gave no created_time")
+    return _aged(limits, name, "key", source, created_at=secret.created_at.timestamp(),
+                 now=now, note=f"{source}, version {secret.version}")  # fmt: skip
+
+
 def inventory(config: GatewayConfig, *, now: float | None = None) -> list[SecretState]:
     """Every secret this configuration makes the gateway hold, in a stable order."""
+    from empsecrets.providers import KeystoreReference, parse_reference  # noqa: PLC0415 - on use
+    from gateway.keys import gateway_keys  # noqa: PLC0415 - on use
+
     now = time.time() if now is None else now
     limits = config.secrets
     states: list[SecretState] = []
     if config.issuer.enabled:
         states.append(_signing_keys(limits, config.issuer.key_dir, now))
-    files: list[tuple[str, str, Path]] = [
-        ("upstream_secret", "shared_secret", config.upstream.secret_file),
-        ("audit_checkpoint_key", "key", config.audit.checkpoint_key_file),
-        ("model_key", "key", config.validation.model_key_file),
-    ]
-    if config.identity.enabled:
-        files += [
-            ("session_key", "key", config.identity.sessions.key_file),
-            ("totp_key", "key", config.identity.mfa.secret_key_file),
-        ]
-    states += [_secret_file(limits, name, kind, path, now) for name, kind, path in files]
+    states.append(
+        _secret_file(limits, "upstream_secret", "shared_secret", config.upstream.secret_file, now)
+    )
+    listing = _KeystoreListing(limits)
+    referenced: set[str] = set()
+    for key in gateway_keys(config):
+        if key.setting.startswith("identity.") and not config.identity.enabled:
+            continue
+        reference = parse_reference(key.reference)
+        if isinstance(reference, KeystoreReference):
+            referenced.add(reference.name)
+        states.append(_referenced_key(config, key, listing, now))
     if config.identity.enabled:
         states += _client_secrets(limits, config.identity.db_path, now)
     certificates: list[tuple[str, Path | None]] = [
         ("tls_certificate", config.tls.cert_file),
         ("tls_ca_certificate", config.tls.ca_file),
     ]
-    states += _keystore(limits, now)
+    states += _keystore(limits, listing, referenced, now)
     if config.siem.enabled:
         certificates.append(("siem_client_certificate", config.siem.client_cert_file))
     states += [_certificate(limits, n, p, now) for n, p in certificates if p is not None]

@@ -23,10 +23,20 @@ import urllib.request
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.keys import read_secret, write_private
+import duckdb
+
+from empsecrets.fieldcrypt import DataKeyError, FieldCipher, resolve_ring, store_ring
+from empsecrets.files import write_private
+from empsecrets.providers import SecretError
+from gateway import auditcrypt
+from gateway.audit import open_store
+from gateway.auditcrypt import count_stale, reencrypt
+from gateway.keys import read_secret
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from gateway.config import GatewayConfig
 
 SECRET_HEADER = "X-Gateway-Secret"  # noqa: S105  # nosec B105  # a header name
 # A path no route serves: the trust check answers it first (401 untrusted, else 404).
@@ -125,3 +135,133 @@ def rotate_upstream_secret(
     write_private(secret_file, new + "\n")
     introduced.unlink(missing_ok=True)
     return UpstreamRotation(secret_file, overlap_seconds, accept_until, reachable is True)
+
+
+# --- the audit store's data keys (`gateway secrets rotate gateway_data_key`) -------------------
+#
+# 1. add a key to the ring and make it current (the old keys stay: archives made before the
+#    rotation are sealed under them), and store the ring where encryption.data_keys points;
+# 2. re-encrypt every value of audit.duckdb not under the new key, in batches (plaintext from
+#    before encryption included): here when the gateway is stopped, else by the running gateway
+#    that holds the store, asked on its admin port (POST /audit/reencrypt), which first
+#    re-reads the ring so that new rows are sealed under the new key too.
+
+DATA_KEY_NAME = "gateway_data_key"
+
+
+@dataclass(frozen=True)
+class DataKeyRotation:
+    """What a rotation of the audit store's data keys did (or would do): ids and counts."""
+
+    data_keys: str  # the reference, never a key
+    previous_key_id: str
+    new_key_id: str | None  # None in a dry run: the key is made by the rotation
+    keys_in_ring: int
+    mode: str  # "offline" (this process opened the store), "online" (the gateway did), "no store"
+    reencrypted: dict[str, Any]  # rows, values, plaintext (gateway/auditcrypt.py Reencryption)
+
+    def public(self) -> dict[str, Any]:
+        """The audit detail and the printed summary."""
+        return {
+            "name": DATA_KEY_NAME,
+            "data_keys": self.data_keys,
+            "previous_key_id": self.previous_key_id,
+            "new_key_id": self.new_key_id,
+            "keys_in_ring": self.keys_in_ring,
+            "mode": self.mode,
+            **{k: v for k, v in self.reencrypted.items() if k != "key_id"},
+        }
+
+
+def rotate_data_keys(
+    config: GatewayConfig, *, dry_run: bool, batch_size: int = 2000
+) -> DataKeyRotation:
+    """Rotate the ring and re-encrypt the store (see above); RotationError when it cannot."""
+    reference, settings = config.encryption.data_keys, auditcrypt.provider_settings(config)
+    try:
+        ring = resolve_ring(reference, settings)
+    except (SecretError, DataKeyError) as exc:
+        raise RotationError(f"the data key ring ({reference}) cannot be read: {exc}") from None
+    path, admin = config.audit.db_path, _admin_url(config)
+    mode = "no store" if not path.exists() else "online" if _held(path) else "offline"
+    if mode == "online":  # reachable, and the store's owner: before anything changes
+        planned = _ask_gateway(admin, dry_run=True)
+    elif mode == "offline":
+        with duckdb.connect(str(path), read_only=True) as connection:
+            planned = count_stale(connection, None).public()
+    else:
+        planned = {"rows": 0, "values": 0, "plaintext": 0}
+    if dry_run:
+        return DataKeyRotation(reference, ring.current, None, len(ring.keys) + 1, mode, planned)
+    new = ring.rotated()
+    try:
+        store_ring(reference, settings, new)
+    except SecretError as exc:
+        raise RotationError(str(exc)) from None
+    done = planned
+    if mode == "online":
+        done = _ask_gateway(admin, dry_run=False)
+    elif mode == "offline":
+        done = _reencrypt_here(path, FieldCipher(new), batch_size)
+    return DataKeyRotation(reference, ring.current, new.current, len(new.keys), mode, done)
+
+
+def _held(path: Path) -> bool:
+    """Whether another process (the running gateway) holds the store: DuckDB's file lock."""
+    try:
+        duckdb.connect(str(path), read_only=True).close()
+    except duckdb.IOException:
+        return True
+    return False
+
+
+def _reencrypt_here(path: Path, cipher: FieldCipher, batch_size: int) -> dict[str, Any]:
+    try:
+        with open_store(path, None) as store:  # the schema of a store from before encryption too
+            done = reencrypt(store, cipher, spool=path.parent, batch_size=batch_size)
+        open_store(path, cipher).close()  # such a store is then compacted and marked sealed
+    except DataKeyError as exc:
+        raise RotationError(
+            f"{exc}; the ring has the new key {cipher.ring.current}, and the rows before that one "
+            "are re-encrypted: run `gateway audit verify`, then rotate again"
+        ) from None
+    except duckdb.IOException as exc:
+        raise RotationError(
+            f"{path}: {exc}; the ring has the new key {cipher.ring.current}: run the rotation "
+            "again (the gateway, if it started meanwhile, re-encrypts when asked)"
+        ) from None
+    return done.public()
+
+
+def _admin_url(config: GatewayConfig) -> str:
+    server = config.server
+    return f"http://{server.admin_host}:{server.admin_port}{auditcrypt.REENCRYPT_PATH}"
+
+
+def _ask_gateway(url: str, *, dry_run: bool) -> dict[str, Any]:
+    """POST /audit/reencrypt to the gateway that holds the store; its counts."""
+    target = url + ("?dry_run=1" if dry_run else "")
+    request = urllib.request.Request(target, data=b"", method="POST")  # noqa: S310 - our admin URL
+    try:
+        # A whole store's re-encryption: as long as archiving it (an hour is generous).
+        with urllib.request.urlopen(request, timeout=3600) as answer:  # noqa: S310  # nosec B310
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        raise RotationError(
+            f"the running gateway refused the re-encryption ({refused.code}): {_error(refused)}"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RotationError(
+            "the audit store is held by another process and the gateway's admin port "
+            f"({url}) did not answer ({exc}); stop the gateway and run the rotation again"
+        ) from None
+    if not isinstance(body, dict) or "values" not in body:
+        raise RotationError(f"the gateway answered {body!r}, not a re-encryption report")
+    return {k: body.get(k) for k in ("rows", "values", "plaintext")}
+
+
+def _error(answer: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(answer.read()).get("error"))
+    except (ValueError, AttributeError):
+        return "no reason given"

@@ -182,7 +182,10 @@ class ValidateStage:
         else:
             self._check(route, ctx.payload)
             if isinstance(ctx.payload, dict):
-                ctx.detail["changes"] = changed_fields(ctx.payload, route.sensitive)
+                ctx.detail["changes"] = changed_fields(ctx.payload, route.sensitive | route.sealed)
+                full = changed_fields(ctx.payload, route.sensitive)
+                if sealed := {name: full[name] for name in route.sealed if name in full}:
+                    ctx.sealed_detail["changes"] = sealed
 
     def _parse(self, body: bytes, content_type: str) -> Any:
         try:

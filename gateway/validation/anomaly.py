@@ -26,10 +26,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import keys
+from empsecrets import files
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from gateway.keys import ResolvedSecret
 
 ALGORITHMS: tuple[str, ...] = ("hbos", "iforest", "ecod", "copod", "mcd")
 DEFAULT_ALGORITHM = "hbos"
@@ -266,13 +268,13 @@ def save(model: TrainedModel, directory: Path, key: bytes) -> Path:
     stream_dir = directory / model.meta.stream
     stream_dir.mkdir(mode=0o700, exist_ok=True)
     stream_dir.chmod(0o700)  # mkdir's mode goes through the umask
-    with keys.exclusive_lock(stream_dir / LOCK_FILE):
+    with files.exclusive_lock(stream_dir / LOCK_FILE):
         # Inside the lock: two saves that both listed the directory would pick the same version.
         current = latest(directory, model.meta.stream)
         version = 1 if current is None else _version_of(current) + 1
         meta = replace(model.meta, version=version)
         path = stream_dir / model_file_name(version)
-        keys.write_private(path, _signed(meta, payload, key))
+        files.write_private(path, _signed(meta, payload, key))
     return path
 
 
@@ -415,16 +417,47 @@ def load_key(path: Path) -> bytes:
             raise ModelError(
                 f"{path}: model key is open to group or others (mode {mode:o}); chmod 600 it"
             )
-        text = handle.read().strip()
-    if not text:
+        content = handle.read()
+    if not content.strip():
         raise ModelError(f"{path}: model key file is empty")
     try:
-        key = bytes.fromhex(text.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+        text = content.decode("ascii")
+    except UnicodeDecodeError:
         raise ModelError(f"{path}: model key is not hex") from None  # never echo the content
+    return parse_key(text, str(path))
+
+
+def parse_key(text: str, source: str) -> bytes:
+    """The model signing key in hex text from source (a file or a secret reference).
+
+    Short or not hex is a ModelError naming source, never the text.
+    """
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ModelError(f"{source}: model key is not hex") from None  # never echo the content
     if len(key) < KEY_BYTES:
-        raise ModelError(f"{path}: model key is {len(key)} bytes; it needs {KEY_BYTES}")
+        raise ModelError(f"{source}: model key is {len(key)} bytes; it needs {KEY_BYTES}")
     return key
+
+
+def new_key() -> str:
+    """A new model signing key as its reader expects it: 32 random bytes, hex."""
+    return secrets.token_hex(KEY_BYTES)
+
+
+def read_key(key: ResolvedSecret) -> bytes:
+    """The model key, resolved again from its reference: a rotated key serves the next load.
+
+    Called in a thread at each model load, never per record; failures are ModelErrors.
+    """
+    from empsecrets.providers import SecretError  # noqa: PLC0415 - on use, like the rest
+
+    try:
+        secret = key.reload()
+    except SecretError as exc:
+        raise ModelError(str(exc)) from None
+    return parse_key(secret.value, secret.source)
 
 
 def ensure_key(path: Path) -> bytes:
@@ -434,7 +467,7 @@ def ensure_key(path: Path) -> bytes:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+                handle.write(new_key() + "\n")
             # link, not replace: when two processes race, the first key stays and both use it.
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, path)

@@ -2,8 +2,9 @@
 
 Training reads the stream's accepted records from the running upstream (its DuckDB, through
 `GET /api/ingest/<stream>/features` with the gateway's secret), or from an NDJSON file with
---input. The model file is signed with the key in validation.model_key_file; the running
-gateway picks a new version up within validation.model_check_seconds, without a restart.
+--input. The model file is signed with the key validation.model_key refers to (made by
+`gateway setup`); the running gateway picks a new version up within
+validation.model_check_seconds, without a restart.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def cmd_anomaly_list(config: GatewayConfig, args: argparse.Namespace) -> int:
 
 
 def _key(config: GatewayConfig) -> bytes:
-    return anomaly.ensure_key(config.validation.model_key_file)
+    key = keys.model_key(config)
+    return anomaly.parse_key(key.secret.value, key.secret.source)
 
 
 def _meta_dict(meta: anomaly.ModelMeta) -> dict[str, Any]:

@@ -11,6 +11,7 @@ loaded model stays. A model that cannot be loaded at all is an error for the str
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,14 +47,15 @@ class ModelSlots:
     def __init__(
         self,
         directory: Path,
-        key_file: Path,
+        key: Path | Callable[[], bytes],
         *,
         check_seconds: float = 5.0,
         report: Callable[[str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._directory = directory
-        self._key_file = key_file
+        # The key is read at each load (in the thread), so a rotated key serves the next model.
+        self._read_key = key if callable(key) else functools.partial(anomaly.load_key, key)
         self._check_seconds = check_seconds
         self._report = report or (lambda _kind, _detail: None)
         self._clock = clock
@@ -116,4 +118,4 @@ class ModelSlots:
             slot.task = None
 
     def _load(self, path: Path) -> anomaly.TrainedModel:
-        return anomaly.load(path, anomaly.load_key(self._key_file))
+        return anomaly.load(path, self._read_key())

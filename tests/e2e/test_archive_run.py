@@ -20,7 +20,7 @@ from support.stack import GATEWAY, PYTHON, REPO, PrivateGateway, start_gateway
 from gateway.auditchain import load_checkpoint_key
 from gateway.config import load_config
 from gateway.policy.decisionlog import read_log, rotate_file, segments
-from gateway.testing import free_port, running, stop
+from gateway.testing import free_port, provision_data_keys, running, stop
 
 RECORDS = "CAST(batch_id AS VARCHAR), record_index, CAST(record AS VARCHAR)"
 
@@ -110,7 +110,12 @@ def deployment(make_gateway, tmp_path):
     key_file = load_config(gateway.config_file, env={}).audit.checkpoint_key_file
     key = load_checkpoint_key(key_file if key_file.is_absolute() else REPO / key_file)
     # An earlier gateway process's chain: a year and a half old, then last week.
-    asyncio.run(write_chain(root / "audit.duckdb", key, [[days_ago(550)] * 8, [days_ago(7)] * 2]))
+    cipher = provision_data_keys(root / "data-keys")  # the ring `gateway setup` made there
+    asyncio.run(
+        write_chain(
+            root / "audit.duckdb", key, [[days_ago(550)] * 8, [days_ago(7)] * 2], cipher=cipher
+        )
+    )
     old = days_ago(120).isoformat()
     (root / "decisions.jsonl").write_text(
         "".join(json.dumps({"decision_id": f"old-{n}", "timestamp": old}) + "\n" for n in range(6))

@@ -19,7 +19,7 @@ import hvac
 import pytest
 from support.vault_server import VaultDevServer, vault_dev_server
 
-from gateway.secrets.providers import (
+from empsecrets.providers import (
     Keystore,
     ProviderSettings,
     SecretNotFoundError,

@@ -15,7 +15,9 @@ from typing import Any
 
 import duckdb
 
+from empsecrets.fieldcrypt import FieldCipher
 from gateway.audit import AuditWriter
+from support.datakeys import CIPHER
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -39,11 +41,13 @@ def audit_event(n: int, when: datetime, **overrides: Any) -> dict[str, Any]:
     return event
 
 
-async def write_chain(db: Path, key: Any, batches: list[list[datetime]], start: int = 0) -> str:
+async def write_chain(
+    db: Path, key: Any, batches: list[list[datetime]], start: int = 0, cipher: FieldCipher = CIPHER
+) -> str:
     """One writer's chain: each batch of event times flushed with its signed checkpoint."""
     writer = AuditWriter(
         jsonl_path=str(db.parent / "seed-audit.jsonl"), db_path=db, flush_interval_seconds=3600,
-        batch_size=100_000, checkpoint_key=key,
+        batch_size=100_000, checkpoint_key=key, cipher=cipher,
     )  # fmt: skip
     await writer.start()
     n = start

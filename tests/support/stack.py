@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 from jwcrypto import jwk
 
-from gateway.testing import mint_dev_token, read_audit_events, running
+from gateway.testing import data_keys_config, mint_dev_token, read_audit_events, running
 
 REPO = Path(__file__).resolve().parent.parent.parent
 PYTHON = sys.executable
@@ -192,7 +192,7 @@ dir = "{policy_dir or REPO / "policies"}"
 jsonl_path = "{root}/audit.jsonl"
 db_path = "{root}/audit.duckdb"
 checkpoint_key_file = "{root}/secrets/audit-checkpoint.key"
-[decision_log]
+{data_keys_config(root / "data-keys")}[decision_log]
 path = "{root}/decisions.jsonl"
 {decision_log}
 [routes]

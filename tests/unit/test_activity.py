@@ -7,6 +7,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support.datakeys import CIPHER
 
 from gateway.activity import ActivityJob, Anomaly, detect
 from gateway.audit import AuditWriter
@@ -54,7 +55,7 @@ def intruder() -> list[dict]:
 async def store(tmp_path, events: list[dict]) -> AuditWriter:
     writer = AuditWriter(
         jsonl_path=str(tmp_path / "audit.jsonl"), db_path=tmp_path / "audit.duckdb",
-        flush_interval_seconds=3600, batch_size=100_000,
+        flush_interval_seconds=3600, batch_size=100_000, cipher=CIPHER,
     )  # fmt: skip
     await writer.start()
     for event in events:

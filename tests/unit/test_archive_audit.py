@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.archive import archived, committed_archives, days_ago, rows, run_crashing, write_chain
+from support.datakeys import CIPHER
 
 from gateway.archive.audit_store import archive_audit
 from gateway.auditchain import verify
@@ -52,13 +53,13 @@ def run(db, root, *, observe=no_steps, run_id="run000000001"):
     with duckdb.connect(str(db)) as connection:
         return archive_audit(
             connection.cursor(), root=root, run_id=run_id, cutoff=days_ago(CUTOFF_DAYS),
-            key=KEY, observe=observe,
+            key=KEY, cipher=CIPHER, observe=observe,
         )  # fmt: skip
 
 
 def problems(db) -> list[str]:
     with duckdb.connect(str(db), read_only=True) as connection:
-        return [p for r in verify(connection, KEY.public_key()) for p in r.problems]
+        return [p for r in verify(connection, KEY.public_key(), CIPHER) for p in r.problems]
 
 
 def test_old_rows_go_to_the_archive_and_young_rows_stay(store, tmp_path):
@@ -104,7 +105,7 @@ def test_the_chain_verifies_across_the_cut(store, tmp_path):
     """After archival `verify` is intact: each kept part starts at its signed anchor."""
     run(store, tmp_path / "archive")
     with duckdb.connect(str(store), read_only=True) as connection:
-        reports = verify(connection, KEY.public_key())
+        reports = verify(connection, KEY.public_key(), CIPHER)
     assert all(r.intact for r in reports), [r.problems for r in reports]
     assert sorted((r.archived_through, r.first_seq) for r in reports) == [(5, 6), (7, 8)]
 
@@ -115,7 +116,7 @@ def test_a_second_run_continues_from_the_anchor(store, tmp_path):
     with duckdb.connect(str(store)) as connection:
         results = archive_audit(
             connection.cursor(), root=tmp_path / "archive", run_id="run000000002",
-            cutoff=days_ago(5), key=KEY, observe=no_steps,
+            cutoff=days_ago(5), key=KEY, cipher=CIPHER, observe=no_steps,
         )  # fmt: skip
     assert results[0].status == "archived", results[0].error
     assert problems(store) == []
@@ -216,10 +217,12 @@ import duckdb
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from cryptography.hazmat.primitives import serialization
+from empsecrets.fieldcrypt import DataKeyRing, FieldCipher
 from gateway.archive.audit_store import archive_audit
 
-db, root, key_file, stop_at = sys.argv[1:]
+db, root, key_file, ring_file, stop_at = sys.argv[1:]
 key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+cipher = FieldCipher(DataKeyRing.loads(Path(ring_file).read_text()))
 
 def observe(table, step):
     if step == stop_at:
@@ -227,7 +230,8 @@ def observe(table, step):
 
 connection = duckdb.connect(db)
 archive_audit(connection.cursor(), root=Path(root), run_id="crashed00001",
-              cutoff=datetime.now(UTC) - timedelta(days=365), key=key, observe=observe)
+              cutoff=datetime.now(UTC) - timedelta(days=365), key=key, cipher=cipher,
+              observe=observe)
 os._exit(0)
 """
 
@@ -245,7 +249,9 @@ def test_a_run_killed_at_any_step_loses_nothing_and_the_rerun_completes(store, t
         )
     )
     before = rows(store, EVENTS)
-    run_crashing(CRASH, str(store), str(root), str(key_file), step)
+    ring_file = tmp_path / "ring.json"  # the child opens the store's values with the same ring
+    ring_file.write_text(CIPHER.ring.dumps())
+    run_crashing(CRASH, str(store), str(root), str(key_file), str(ring_file), step)
     events, _ = run(store, root, run_id="rerun0000001")
     assert events.status in {"archived", "nothing"}, events.error
     kept = rows(store, EVENTS)

@@ -8,6 +8,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support.archive import audit_event, days_ago, write_chain
+from support.datakeys import CIPHER
 
 from gateway.archive.job import ArchiveBusy, ArchiveJob, record_report
 from gateway.archive.report import TableResult
@@ -32,7 +33,7 @@ async def gateway(tmp_path):
     (tmp_path / "decisions.jsonl").write_text("".join(old_line(n) + "\n" for n in range(4)))
     writer = AuditWriter(
         jsonl_path=str(tmp_path / "audit.jsonl"), db_path=db, flush_interval_seconds=3600,
-        batch_size=10_000, checkpoint_key=KEY,
+        batch_size=10_000, checkpoint_key=KEY, cipher=CIPHER,
     )  # fmt: skip
     await writer.start()
     decisions = DecisionLog(tmp_path / "decisions.jsonl")
@@ -75,7 +76,7 @@ async def test_a_run_is_audited_and_counted(gateway, tmp_path):
     assert metrics.archive_rows.labels("audit_events")._value.get() == 6
     assert metrics.archive_runs.labels("completed")._value.get() == 1
     assert metrics.archive_last_success._value.get() > 0
-    reports = await writer.run(lambda cursor: verify(cursor, KEY.public_key()))
+    reports = await writer.run(lambda cursor: verify(cursor, KEY.public_key(), CIPHER))
     assert all(r.intact for r in reports), [r.problems for r in reports]
 
 

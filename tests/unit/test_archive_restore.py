@@ -18,6 +18,8 @@ import duckdb
 import pytest
 from support.archive import REPO, days_ago, write_chain
 
+from empsecrets.fieldcrypt import DataKeyRing, FieldCipher
+from empsecrets.providers import Keystore
 from gateway.archive.audit_store import archive_audit
 from gateway.archive.decisions import archive_decision_log
 from gateway.archive.files import ensure_log
@@ -25,8 +27,9 @@ from gateway.auditchain import ensure_checkpoint_key, load_checkpoint_key
 from gateway.policy.decisionlog import rotate_file
 from upstream.archive.tables import Archiver
 from upstream.cli import main as upstream_main
-from upstream.config import RetentionConfig
+from upstream.config import EncryptionConfig, RetentionConfig
 from upstream.database import Database
+from upstream.sealing import load_sealer
 
 PAGE = (REPO / "docs/security/retention.md").read_text()
 SQL_BLOCKS = re.findall(r"```sql\n(.*?)```", PAGE, re.DOTALL)
@@ -44,8 +47,14 @@ def var(tmp_path_factory):
     key_file = var / "secrets" / "audit-checkpoint.key"
     ensure_checkpoint_key(key_file)
     key = load_checkpoint_key(key_file)
+    # Where the shipped config reads it from, as `gateway setup` leaves it: the keystore.
+    keystore = Keystore.create(var / "secrets/keystore.json", var / "secrets/keystore.master")
+    keystore.put("audit-checkpoint-key", key_file.read_text())
+    ring = DataKeyRing.generate()  # the audit store's data keys, where setup makes them
+    keystore.put("gateway-data-keys", ring.dumps())
+    cipher = FieldCipher(ring)
     audit = var / "audit.duckdb"
-    asyncio.run(write_chain(audit, key, [[days_ago(400)] * 5, [days_ago(1)]]))
+    asyncio.run(write_chain(audit, key, [[days_ago(400)] * 5, [days_ago(1)]], cipher=cipher))
     log_path = var / "decisions.jsonl"
     log_path.write_text(
         "".join(
@@ -64,7 +73,7 @@ def var(tmp_path_factory):
     with duckdb.connect(str(audit)) as connection:
         ensure_log(connection)
         common = {"root": var / "archive", "run_id": "5f0c2a9e41d7", "observe": lambda *_: None}
-        archive_audit(connection.cursor(), cutoff=days_ago(365), key=key, **common)
+        archive_audit(connection.cursor(), cutoff=days_ago(365), key=key, cipher=cipher, **common)
         archive_decision_log(connection.cursor(), log_path=log_path, cutoff=days_ago(90), **common)
     emp = var / "emp.duckdb"
     assert upstream_main(["db", "init", "--db", str(emp)]) == 0
@@ -76,7 +85,8 @@ def var(tmp_path_factory):
         )
 
     async def archive_records() -> None:
-        database = Database.open(emp)
+        settings = EncryptionConfig().provider_settings(emp)
+        database = Database.open(emp, load_sealer("keystore:emp-data-keys", settings))
         try:
             await Archiver(RetentionConfig(archive_dir=var / "archive")).run(
                 database, "5f0c2a9e41d7", lambda *_: None

@@ -14,10 +14,12 @@ import duckdb
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.datakeys import CIPHER
 from support.stack import REPO
 
 from gateway.audit import AuditWriter, record_offline, system_event
 from gateway.auditchain import GENESIS, canonical, digest, verify
+from gateway.testing import data_keys_config, provision_data_keys
 
 KEY = Ed25519PrivateKey.generate()
 
@@ -45,7 +47,7 @@ def sealed_store(tmp_path_factory):
     async def write():
         writer = AuditWriter(
             jsonl_path=str(root / "audit.jsonl"), db_path=db, flush_interval_seconds=3600,
-            batch_size=10_000, checkpoint_key=KEY,
+            batch_size=10_000, checkpoint_key=KEY, cipher=CIPHER,
         )  # fmt: skip
         await writer.start()
         for batch in range(3):
@@ -70,7 +72,7 @@ def copy(sealed_store, tmp_path):
 
 def problems(db) -> list[str]:
     with duckdb.connect(str(db), read_only=True) as connection:
-        reports = verify(connection, KEY.public_key())
+        reports = verify(connection, KEY.public_key(), CIPHER)
     return [p for r in reports for p in r.problems]
 
 
@@ -83,7 +85,7 @@ def test_an_untouched_store_verifies(copy, sealed_store):
     """30 events, seq 1-30, 3 checkpoints, no problem; the first links to the genesis hash."""
     _, chain_id = sealed_store
     with duckdb.connect(str(copy), read_only=True) as connection:
-        (report,) = verify(connection, KEY.public_key())
+        (report,) = verify(connection, KEY.public_key(), CIPHER)
         first = connection.execute("SELECT prev_hash FROM audit_events WHERE seq = 1").fetchone()
     assert (report.chain, report.events, report.first_seq, report.last_seq) == (chain_id, 30, 1, 30)
     assert (report.checkpoints, report.problems) == (3, [])
@@ -105,10 +107,15 @@ def test_the_json_lines_carry_the_same_seal(sealed_store):
         pytest.param("UPDATE audit_events SET decision = 'deny' WHERE seq = 3",
                      "seq 3: column decision differs from the sealed event", id="edit_a_column"),
         pytest.param("UPDATE audit_events SET detail = '{\"n\": 99}' WHERE seq = 7",
-                     "seq 7: column detail differs", id="edit_the_detail"),
-        pytest.param("UPDATE audit_events SET raw = replace(raw, '\"deny\"', '\"allow\"'), "
-                     "decision = 'allow' WHERE seq = 4",
-                     "seq 4: hash does not match the sealed event (edited)", id="edit_raw_and_column"),
+                     "seq 7: an encrypted column does not open", id="plaintext_in_the_detail"),
+        pytest.param("UPDATE audit_events SET detail = (SELECT detail FROM audit_events "
+                     "WHERE seq = 2) WHERE seq = 7",
+                     "seq 7: an encrypted column does not open", id="detail_swapped_from_a_row"),
+        pytest.param("UPDATE audit_events SET user_agent = raw WHERE seq = 9",
+                     "seq 9: an encrypted column does not open", id="ciphertext_moved_to_a_column"),
+        pytest.param("UPDATE audit_events SET raw = substr(raw, 1, length(raw) - 4) || 'AAA=' "
+                     "WHERE seq = 6",
+                     "seq 6: an encrypted column does not open", id="ciphertext_bits_changed"),
         pytest.param("DELETE FROM audit_events WHERE seq = 5",
                      "seq 5: missing (rows were deleted)", id="delete_a_row"),
         pytest.param("DELETE FROM audit_events WHERE seq BETWEEN 11 AND 13",
@@ -129,6 +136,27 @@ def test_every_kind_of_tampering_is_detected(copy, sql, expected):
     assert any(p.startswith(expected) for p in found), found
 
 
+def reseal(connection, seq: int, change) -> None:
+    """Edit a row's sealed event as someone holding the data keys could: open, change, seal."""
+    event_id, raw = connection.execute(
+        "SELECT event_id, raw FROM audit_events WHERE seq = ?", [seq]
+    ).fetchone()
+    context = f"audit_events.raw:{event_id}"
+    edited = change(CIPHER.open(raw, context))
+    connection.execute(
+        "UPDATE audit_events SET raw = ? WHERE seq = ?", [CIPHER.seal(edited, context), seq]
+    )
+
+
+def test_an_edit_by_a_data_key_holder_is_caught_by_the_hash(copy):
+    """raw opened, edited and sealed again (the data keys are not the chain's keys): the hash
+    no longer matches what was sealed."""
+    with duckdb.connect(str(copy)) as connection:
+        reseal(connection, 4, lambda raw: raw.replace('"deny"', '"allow"'))
+        connection.execute("UPDATE audit_events SET decision = 'allow' WHERE seq = 4")
+    assert "seq 4: hash does not match the sealed event (edited)" in problems(copy)
+
+
 def test_an_inserted_row_is_detected(copy):
     """A forged event slipped in with an existing seq is reported as an insertion."""
     with duckdb.connect(str(copy)) as connection:
@@ -142,10 +170,13 @@ def test_an_inserted_row_is_detected(copy):
 def test_a_consistent_rewrite_without_the_key_is_caught_by_the_checkpoints(copy):
     """Re-sealing an edited event and every later one still disagrees with the signed heads."""
     with duckdb.connect(str(copy)) as connection:
-        rows = connection.execute("SELECT seq, raw FROM audit_events ORDER BY seq").fetchall()
+        rows = connection.execute(
+            "SELECT seq, event_id, raw FROM audit_events ORDER BY seq"
+        ).fetchall()
         head = None
-        for seq, raw in rows:
-            sealed = json.loads(raw)
+        for seq, event_id, raw in rows:
+            context = f"audit_events.raw:{event_id}"
+            sealed = json.loads(CIPHER.open(raw, context))
             if seq == 16:  # event 15: a denial made to look allowed
                 sealed["decision"] = "allow"
             if head is not None:
@@ -155,7 +186,13 @@ def test_a_consistent_rewrite_without_the_key_is_caught_by_the_checkpoints(copy)
             connection.execute(
                 "UPDATE audit_events SET raw = ?, hash = ?, prev_hash = ?, decision = ? "
                 "WHERE seq = ?",
-                [canonical(sealed), head, sealed["prev_hash"], sealed["decision"], seq],
+                [
+                    CIPHER.seal(canonical(sealed), context),
+                    head,
+                    sealed["prev_hash"],
+                    sealed["decision"],
+                    seq,
+                ],
             )
     found = problems(copy)
     assert found == [
@@ -171,7 +208,7 @@ def test_cli_events_from_the_inbox_are_chained_too(tmp_path):
 
     async def write():
         writer = AuditWriter(jsonl_path="-", db_path=db, flush_interval_seconds=3600,
-                             batch_size=10, checkpoint_key=KEY)  # fmt: skip
+                             batch_size=10, checkpoint_key=KEY, cipher=CIPHER)  # fmt: skip
         await writer.start()
         writer.emit(event(1))
         await writer.close()
@@ -179,7 +216,7 @@ def test_cli_events_from_the_inbox_are_chained_too(tmp_path):
     asyncio.run(write())
     with duckdb.connect(str(db), read_only=True) as connection:
         kinds = connection.execute("SELECT seq, kind FROM audit_events ORDER BY seq").fetchall()
-        (report,) = verify(connection, KEY.public_key())
+        (report,) = verify(connection, KEY.public_key(), CIPHER)
     assert kinds == [(1, "request"), (2, "keys.rotated")]
     assert report.problems == []
 
@@ -194,8 +231,12 @@ def test_the_cli_exits_non_zero_naming_the_first_broken_link(copy, tmp_path):
             serialization.NoEncryption(),
         )
     )
+    key_file.chmod(0o600)  # a key file others can read is refused
+    provision_data_keys(tmp_path / "data-keys", CIPHER.ring)  # the ring the store was written with
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[audit]\ncheckpoint_key_file = "{key_file}"\n')
+    config.write_text(
+        f'[audit]\ncheckpoint_key_file = "{key_file}"\n' + data_keys_config(tmp_path / "data-keys")
+    )
     command = [sys.executable, "-m", "gateway", "--config", str(config), "audit", "verify",
                "--db", str(copy)]  # fmt: skip
     intact = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)

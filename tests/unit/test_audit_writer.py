@@ -7,6 +7,7 @@ import json
 
 import duckdb
 import pytest
+from support.datakeys import CIPHER
 
 from gateway.audit import (
     AuditWriter,
@@ -15,6 +16,7 @@ from gateway.audit import (
     record_offline,
     system_event,
 )
+from gateway.auditcrypt import decrypt_detail
 
 
 @pytest.fixture
@@ -24,6 +26,7 @@ async def writer(tmp_path):
         db_path=tmp_path / "audit.duckdb",
         flush_interval_seconds=3600,  # flushes happen when the test says
         batch_size=10_000,
+        cipher=CIPHER,
     )
     await audit.start()
     yield audit
@@ -72,6 +75,7 @@ async def test_close_drains_what_is_pending(tmp_path):
         db_path=tmp_path / "a.duckdb",
         flush_interval_seconds=3600,
         batch_size=10_000,
+        cipher=CIPHER,
     )
     await audit.start()
     for event in events(250):
@@ -98,9 +102,11 @@ async def test_events_from_other_processes_reach_the_table_once(writer, tmp_path
     await writer.flush()
     await writer.flush()
     rows = writer._db.execute(
-        "SELECT kind, subject, detail->>'active_kid' FROM audit_events WHERE kind = 'keys.rotated'"
+        "SELECT kind, subject, event_id, detail FROM audit_events WHERE kind = 'keys.rotated'"
     ).fetchall()
-    assert rows == [("keys.rotated", "ops", "k2")]
+    opened = [(kind, subject, decrypt_detail(CIPHER, event_id, detail)["active_kid"])
+              for kind, subject, event_id, detail in rows]  # fmt: skip
+    assert opened == [("keys.rotated", "ops", "k2")]
     assert list(inbox.glob("*")) == []
 
 
@@ -108,7 +114,9 @@ async def test_inbox_left_while_the_gateway_was_down_is_loaded_at_start(tmp_path
     """Events recorded with no gateway running are in the table after the next start."""
     db = tmp_path / "audit.duckdb"
     record_offline("-", db, system_event("account.user_added", subject="ops", username="carol"))
-    audit = AuditWriter(jsonl_path="-", db_path=db, flush_interval_seconds=3600, batch_size=10)
+    audit = AuditWriter(
+        jsonl_path="-", db_path=db, flush_interval_seconds=3600, batch_size=10, cipher=CIPHER
+    )
     await audit.start()
     await audit.close()
     with duckdb.connect(str(db)) as connection:
@@ -143,7 +151,7 @@ async def test_a_worker_without_the_store_hands_sealed_batches_to_the_owner(writ
     assert list(inbox_dir(tmp_path / "audit.duckdb").glob("*.ndjson")) == []
     rows = writer._db.execute("SELECT chain, count(*) FROM audit_events GROUP BY 1").fetchall()
     assert dict(rows) == {worker.chain.chain_id: 3, writer.chain.chain_id: 2}
-    reports = verify(writer._db, key.public_key())
+    reports = verify(writer._db, key.public_key(), CIPHER)
     assert [(r.chain in {worker.chain.chain_id, writer.chain.chain_id}, r.intact,
              r.checkpoints) for r in reports] == [(True, True, 1), (True, True, 1)]  # fmt: skip
     await worker.close()

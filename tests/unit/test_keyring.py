@@ -17,6 +17,8 @@ import pytest
 from jwcrypto import jwk
 from structlog.testing import capture_logs
 
+from empsecrets import files
+from empsecrets.files import write_private
 from gateway import keys
 from gateway.keyring import (
     Algorithm,
@@ -29,7 +31,6 @@ from gateway.keyring import (
     plan_rotation,
     rotate,
 )
-from gateway.keys import write_private
 
 ALLOWED = frozenset({"RS256", "ES256", "EdDSA"})
 RETIRE_AFTER = 86_400 + 30  # issuer.max_ttl_seconds + authn.leeway_seconds
@@ -89,7 +90,7 @@ def test_existing_single_key_file_loads(tmp_path: Path):
     key = jwk.JWK.generate(kty="OKP", crv="Ed25519")  # the pre-rotation format, as written then
     entry = key.export(private_key=True, as_dict=True)
     entry.update(kid=key.thumbprint(), alg="EdDSA", use="sig", created_at=int(time.time()))
-    keys.write_private(keyring_path(tmp_path), json.dumps({"keys": [entry]}))
+    files.write_private(keyring_path(tmp_path), json.dumps({"keys": [entry]}))
     legacy = json.loads(keyring_path(tmp_path).read_text())
     loaded = load_keyring(tmp_path)
     assert loaded == legacy["keys"]

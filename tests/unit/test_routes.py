@@ -96,3 +96,17 @@ def test_bad_route_table_is_refused(tmp_path, text, named):
     (tmp_path / "routes.toml").write_text(text)
     with pytest.raises(ConfigError, match=named):
         load_routes(tmp_path / "routes.toml", tmp_path)
+
+
+def test_every_column_sealed_upstream_is_kept_out_of_the_audit_lines(table):
+    """A field the EMP service seals at rest is `sealed` or `sensitive` on every route that
+    writes it, so its value never reaches the audit trail's JSON lines or the SIEM."""
+    from upstream.sealing import SEALED_COLUMNS  # noqa: PLC0415 - the other process's list
+
+    writes = [r for r in table.routes if r.action in {"create", "update"}]
+    for resource, columns in SEALED_COLUMNS.items():
+        routes = [r for r in writes if r.resource == resource]
+        assert routes, resource
+        for route in routes:
+            hidden = route.sealed | route.sensitive
+            assert set(columns) <= hidden, (route.name, set(columns) - hidden)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.secrets.providers import (
+from empsecrets.providers import (
     MASTER_KEY_BYTES,
     EnvReference,
     FileReference,

@@ -40,10 +40,11 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def db_path(tmp_path: Path, migrated_template: Path) -> Path:
-    """A private, fully migrated DuckDB file."""
+    """A private, fully migrated DuckDB file, with its keystore (the data key ring) beside it."""
     path = tmp_path / "var" / "emp.duckdb"
     path.parent.mkdir()
     shutil.copyfile(migrated_template, path)
+    shutil.copytree(migrated_template.parent / "secrets", path.parent / "secrets")
     return path
 
 

@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from upstream.routes import archive, health, ingest, resources
+from upstream.routes import archive, health, ingest, rekey, resources
 
 
 def add_routes(app: web.Application) -> None:
@@ -11,3 +11,4 @@ def add_routes(app: web.Application) -> None:
     resources.add_routes(app)
     ingest.add_routes(app)
     archive.add_routes(app)
+    rekey.add_routes(app)

@@ -80,8 +80,10 @@ async def _post_envelope(request: web.Request, stream: str) -> dict[str, object]
     # Checking up to 10,000 records and their flags is too slow for the event loop.
     envelope = await asyncio.to_thread(parse_envelope, body)
     received_by = subject(request)
-    stored = await database(request).write(
-        lambda cursor: append_envelope(cursor, stream, envelope, received_by)
+    db = database(request)
+    sealer = db.sealer
+    stored = await db.write(
+        lambda cursor: append_envelope(cursor, sealer, stream, envelope, received_by)
     )
     return {
         "stream": stream,

@@ -35,8 +35,10 @@ async def list_items(request: web.Request) -> web.Response:
     status = _status(request)
     limit = parse_limit(request.query)
     offset = parse_count(request.query, "offset", default=0, maximum=MAX_ID)
-    items = await database(request).read(
-        lambda cursor: list_quarantine(cursor, stream, status, limit, offset)
+    db = database(request)
+    sealer = db.sealer
+    items = await db.read(
+        lambda cursor: list_quarantine(cursor, sealer, stream, status, limit=limit, offset=offset)
     )
     return web.json_response({"stream": stream, "items": items})
 
@@ -64,9 +66,11 @@ async def _review(request: web.Request, decision: str) -> web.Response:
         raise not_found(f"stream '{stream}' has no quarantined record with id {raw_id}")
     note = await _note(request)
     reviewed_by = subject(request)
-    item = await database(request).write(
+    db = database(request)
+    sealer = db.sealer
+    item = await db.write(
         lambda cursor: review(
-            cursor, stream, row_id, decision=decision, reviewed_by=reviewed_by, note=note
+            cursor, sealer, stream, row_id, decision=decision, reviewed_by=reviewed_by, note=note
         )
     )
     return web.json_response(item)

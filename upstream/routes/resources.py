@@ -44,8 +44,10 @@ class ResourceRoutes:
         filters = parse_filters(self.spec, request.query)
         limit = parse_limit(request.query)
         offset = parse_count(request.query, "offset", default=0, maximum=MAX_ID)
-        page = await database(request).read(
-            lambda cursor: self.store.list_page(cursor, filters, limit, offset)
+        db = database(request)
+        sealer = db.sealer
+        page = await db.read(
+            lambda cursor: self.store.list_page(cursor, sealer, filters, limit, offset)
         )
         return web.json_response(
             {"items": page.items, "total": page.total, "limit": limit, "offset": offset}
@@ -54,7 +56,9 @@ class ResourceRoutes:
     async def get_item(self, request: web.Request) -> web.Response:
         """``GET /api/{resource}/{id}``."""
         row_id = self._row_id(request)
-        row = await database(request).read(lambda cursor: self.store.fetch(cursor, row_id))
+        db = database(request)
+        sealer = db.sealer
+        row = await db.read(lambda cursor: self.store.fetch(cursor, sealer, row_id))
         if row is None:
             raise self._missing(row_id)
         return web.json_response(row)
@@ -63,9 +67,9 @@ class ResourceRoutes:
         """``POST /api/{resource}``: 201 with the row and its Location."""
         values = full_values(self.spec, await read_json_body(request))
         created_by = subject(request)
-        row = await database(request).write(
-            lambda cursor: self.store.insert(cursor, values, created_by)
-        )
+        db = database(request)
+        sealer = db.sealer
+        row = await db.write(lambda cursor: self.store.insert(cursor, sealer, values, created_by))
         location = f"{self.collection_path}/{row['id']}"
         return web.json_response(row, status=201, headers={"Location": location})
 
@@ -84,9 +88,9 @@ class ResourceRoutes:
     async def _update(
         self, request: web.Request, row_id: int, values: dict[str, object]
     ) -> web.Response:
-        row = await database(request).write(
-            lambda cursor: self.store.update(cursor, row_id, values)
-        )
+        db = database(request)
+        sealer = db.sealer
+        row = await db.write(lambda cursor: self.store.update(cursor, sealer, row_id, values))
         if row is None:
             raise self._missing(row_id)
         return web.json_response(row)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from upstream.database import Cursor
 from upstream.envelope import Envelope
+from upstream.sealing import Sealer
 from upstream.store.quarantine import quarantine_records
 from upstream.store.rows import json_value
 
@@ -89,7 +90,7 @@ def append_batch(
 
 
 def append_envelope(
-    cursor: Cursor, stream: str, envelope: Envelope, received_by: str | None
+    cursor: Cursor, sealer: Sealer, stream: str, envelope: Envelope, received_by: str | None
 ) -> StoredEnvelope:
     """Store accepted records and quarantine flagged ones, all under one batch id."""
     batch_id = uuid.uuid4()
@@ -101,7 +102,9 @@ def append_envelope(
         models=[record.model for record in accepted],
     )
     _insert_records(cursor, stream, batch_id, received_by, rows)
-    quarantine_ids = quarantine_records(cursor, stream, batch_id, envelope.quarantined, received_by)
+    quarantine_ids = quarantine_records(
+        cursor, sealer, stream, batch_id, envelope.quarantined, received_by=received_by
+    )
     return StoredEnvelope(batch_id=batch_id, quarantine_ids=quarantine_ids)
 
 

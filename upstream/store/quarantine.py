@@ -12,6 +12,7 @@ from typing import Final
 from upstream.database import Cursor
 from upstream.envelope import ScoredRecord
 from upstream.errors import conflict, not_found
+from upstream.sealing import Sealer
 from upstream.store.rows import row_to_dict
 
 PENDING: Final = "pending"
@@ -42,7 +43,7 @@ _NOW = "CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)"
 _INSERT = """
 INSERT INTO ingest_quarantine
     (stream, batch_id, record_index, record, score, model, flags, received_by)
-SELECT ?, ?, record_index, CAST(record AS JSON), score, model, CAST(flags AS JSON), ?
+SELECT ?, ?, record_index, record, score, model, CAST(flags AS JSON), ?
 FROM (
     SELECT unnest(?::INTEGER[]) AS record_index, unnest(?::VARCHAR[]) AS record,
            unnest(?::DOUBLE[]) AS score, unnest(?::VARCHAR[]) AS model,
@@ -58,14 +59,16 @@ LIMIT ? OFFSET ?
 """  # nosec B608  # only the fixed select above is interpolated
 _STATE = "SELECT stream, status, reviewed_by FROM ingest_quarantine WHERE id = ?"
 # The copy keeps the record's provenance; only batch_seq is new, so it reads as newest.
+# The record comes opened: accepted, it is plain statistics and training data like any other.
 _COPY_TO_RECORDS = """
 INSERT INTO ingest_records
     (stream, batch_id, batch_seq, record_index, record, received_at, received_by, score, model)
-SELECT stream, batch_id, nextval('ingest_batches_seq'), record_index, record, received_at,
-       received_by, score, model
+SELECT stream, batch_id, nextval('ingest_batches_seq'), record_index, CAST(? AS JSON),
+       received_at, received_by, score, model
 FROM ingest_quarantine
 WHERE id = ?
 """
+_RECORD = "SELECT batch_id, record_index, record FROM ingest_quarantine WHERE id = ?"
 _REVIEW = f"""
 UPDATE ingest_quarantine
 SET status = ?, reviewed_by = ?, reviewed_at = {_NOW}, review_note = ?
@@ -77,9 +80,11 @@ Item = dict[str, object]
 
 def quarantine_records(
     cursor: Cursor,
+    sealer: Sealer,
     stream: str,
     batch_id: uuid.UUID,
     records: Sequence[ScoredRecord],
+    *,
     received_by: str | None,
 ) -> dict[int, int]:
     """Store flagged records as pending and return the quarantine id of each record index."""
@@ -92,7 +97,7 @@ def quarantine_records(
             batch_id,
             received_by,
             [record.index for record in records],
-            [record.record for record in records],
+            [sealer.seal_record(batch_id, record.index, record.record) for record in records],
             [record.score for record in records],
             [record.model for record in records],
             [json.dumps(record.flags, separators=(",", ":")) for record in records],
@@ -101,13 +106,16 @@ def quarantine_records(
     return {int(record_index): int(row_id) for record_index, row_id in rows}
 
 
-def _item(row: Sequence[object]) -> Item:
+def _item(sealer: Sealer, row: Sequence[object]) -> Item:
     values = row_to_dict(_ITEM_COLUMNS, row)
+    row_id = int(str(values["id"]))
+    index = int(str(values["record_index"]))
+    record = sealer.open_record(values["batch_id"], index, str(values["record"]))
     return {
-        "id": values["id"],
+        "id": row_id,
         "batch_id": str(values["batch_id"]),
-        "index": values["record_index"],
-        "record": json.loads(str(values["record"])),
+        "index": index,
+        "record": json.loads(record),
         "score": values["score"],
         "model": values["model"],
         "flags": json.loads(str(values["flags"])),
@@ -116,16 +124,16 @@ def _item(row: Sequence[object]) -> Item:
         "status": values["status"],
         "reviewed_by": values["reviewed_by"],
         "reviewed_at": values["reviewed_at"],
-        "review_note": values["review_note"],
+        "review_note": sealer.open_note(row_id, values["review_note"]),
     }
 
 
 def list_quarantine(
-    cursor: Cursor, stream: str, status: str | None, limit: int, offset: int
+    cursor: Cursor, sealer: Sealer, stream: str, status: str | None, *, limit: int, offset: int
 ) -> list[Item]:
     """A page of a stream's quarantined records, newest first; ``status`` None means all."""
     rows = cursor.execute(_PAGE, [stream, status, status, limit, offset]).fetchall()
-    return [_item(row) for row in rows]
+    return [_item(sealer, row) for row in rows]
 
 
 def _check_reviewable(cursor: Cursor, stream: str, row_id: int) -> None:
@@ -144,6 +152,7 @@ def _check_reviewable(cursor: Cursor, stream: str, row_id: int) -> None:
 
 def review(
     cursor: Cursor,
+    sealer: Sealer,
     stream: str,
     row_id: int,
     *,
@@ -156,9 +165,13 @@ def review(
         raise ValueError(f"a review decides accepted or discarded, not {decision!r}")
     _check_reviewable(cursor, stream, row_id)
     if decision == ACCEPTED:
-        cursor.execute(_COPY_TO_RECORDS, [row_id])
-    cursor.execute(_REVIEW, [decision, reviewed_by, note, row_id])
+        stored = cursor.execute(_RECORD, [row_id]).fetchone()
+        if stored is None:
+            raise RuntimeError(f"quarantined record {row_id} vanished during its review")
+        batch_id, index, token = stored
+        cursor.execute(_COPY_TO_RECORDS, [sealer.open_record(batch_id, index, token), row_id])
+    cursor.execute(_REVIEW, [decision, reviewed_by, sealer.seal_note(row_id, note), row_id])
     row = cursor.execute(_SELECT_BY_ID, [row_id]).fetchone()
     if row is None:
         raise RuntimeError(f"quarantined record {row_id} vanished during its review")
-    return _item(row)
+    return _item(sealer, row)

@@ -12,6 +12,7 @@ import duckdb
 from upstream.database import Cursor
 from upstream.errors import conflict
 from upstream.schema import RESOURCES_BY_NAME, ResourceSpec, referrers_of
+from upstream.sealing import DIGESTS, SEALED_COLUMNS, Sealer
 from upstream.store.rows import row_to_dict
 
 _NOW = "CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)"
@@ -39,10 +40,18 @@ class ResourceStore:
         assignments = [f"{name} = ?" for name in writable]
         if spec.has_updated_at:
             assignments.append(f"updated_at = {_NOW}")
+        # Every identifier below comes from the fixed spec, never from a request.
+        self._sealed = bool(SEALED_COLUMNS.get(table))
+        self._digests = DIGESTS.get(table, {})
+        if self._sealed:
+            # A sealed value is bound to its row id, so the id is drawn before the insert.
+            inserted = ["id", *inserted]
+        inserted += self._digests.values()
+        assignments += [f"{digest} = ?" for digest in self._digests.values()]
         insert_columns = ", ".join(inserted)
         placeholders = ", ".join("?" for _ in inserted)
         updates = ", ".join(assignments)
-        # Every identifier below comes from the fixed spec, never from a request.
+        self._next_id = f"SELECT nextval('{table}_id_seq')"
         self._select_one = f"SELECT {columns} FROM {table} WHERE id = ?"  # noqa: S608  # nosec B608
         self._insert = (
             f"INSERT INTO {table} ({insert_columns}) VALUES ({placeholders}) RETURNING {columns}"  # noqa: S608  # nosec B608
@@ -52,64 +61,97 @@ class ResourceStore:
         self._page = f"SELECT {columns}, count(*) OVER () FROM {table} WHERE {{where}} ORDER BY id LIMIT ? OFFSET ?"  # noqa: E501, S608  # nosec B608
         self._count = f"SELECT count(*) FROM {table} WHERE {{where}}"  # noqa: S608  # nosec B608
 
-    def _row(self, row: tuple[object, ...] | None) -> Row | None:
-        return None if row is None else row_to_dict(self.spec.column_names, row)
+    def _row(self, sealer: Sealer, row: tuple[object, ...] | None) -> Row | None:
+        if row is None:
+            return None
+        return sealer.open_row(self.spec.name, row_to_dict(self.spec.column_names, row))
 
-    def fetch(self, cursor: Cursor, row_id: int) -> Row | None:
+    def fetch(self, cursor: Cursor, sealer: Sealer, row_id: int) -> Row | None:
         """One row by id."""
-        return self._row(cursor.execute(self._select_one, [row_id]).fetchone())
+        return self._row(sealer, cursor.execute(self._select_one, [row_id]).fetchone())
 
     def list_page(
-        self, cursor: Cursor, filters: dict[str, object], limit: int, offset: int
+        self, cursor: Cursor, sealer: Sealer, filters: dict[str, object], limit: int, offset: int
     ) -> Page:
         """A page ordered by id, with the filtered total counted in the same statement."""
-        # Filter names were checked against spec.filters by upstream.validation.
-        where = " AND ".join(f"{name} = ?" for name in filters) or "TRUE"
-        params = [*filters.values()]
+        # Filter names were checked against spec.filters by upstream.validation; a sealed
+        # column is matched through its blind index.
+        conditions, params = [], []
+        for name, value in filters.items():
+            digest = self._digests.get(name)
+            conditions.append(f"{digest or name} = ?")
+            params.append(sealer.digest(self.spec.name, name, value) if digest else value)
+        where = " AND ".join(conditions) or "TRUE"
         rows = cursor.execute(self._page.format(where=where), [*params, limit, offset]).fetchall()
         if rows:
-            items = [row_to_dict(self.spec.column_names, row[:-1]) for row in rows]
+            items = [
+                sealer.open_row(self.spec.name, row_to_dict(self.spec.column_names, row[:-1]))
+                for row in rows
+            ]
             return Page(items=items, total=int(rows[0][-1]))
         # Past the last page the window function has no row to report the total on.
         counted = cursor.execute(self._count.format(where=where), params).fetchone()
         return Page(items=[], total=int(counted[0]) if counted else 0)
 
-    def insert(self, cursor: Cursor, values: dict[str, object], created_by: str | None) -> Row:
+    def insert(
+        self, cursor: Cursor, sealer: Sealer, values: dict[str, object], created_by: str | None
+    ) -> Row:
         """Create a row; the id comes from the table's sequence."""
         self._check_references(cursor, values)
-        params = [values[column.name] for column in self.spec.writable]
+        params: list[object] = []
+        row_id = 0  # a table without sealed columns takes its id from the column default
+        if self._sealed:
+            drawn = cursor.execute(self._next_id).fetchone()
+            if drawn is None:
+                raise RuntimeError(f"the sequence of {self.spec.name} gave no id")
+            row_id = int(drawn[0])
+            params.append(row_id)
+        params += self._stored(sealer, row_id, values)
         if self.spec.has_created_by:
-            params.append(created_by)
-        row = self._execute_unique(cursor, self._insert, params)
+            params.insert(len(params) - len(self._digests), created_by)
+        row = self._execute_unique(cursor, sealer, self._insert, params)
         if row is None:
             raise RuntimeError(f"INSERT INTO {self.spec.name} returned no row")
         return row
 
-    def update(self, cursor: Cursor, row_id: int, values: dict[str, object]) -> Row | None:
+    def update(
+        self, cursor: Cursor, sealer: Sealer, row_id: int, values: dict[str, object]
+    ) -> Row | None:
         """Replace the writable columns present in ``values``, keeping the others."""
-        current = self.fetch(cursor, row_id)
+        current = self.fetch(cursor, sealer, row_id)
         if current is None:
             return None
         merged = {column.name: current[column.name] for column in self.spec.writable}
         merged.update(values)
         self._check_references(cursor, values)
-        params = [*(merged[column.name] for column in self.spec.writable), row_id]
-        return self._execute_unique(cursor, self._update, params)
+        params = [*self._stored(sealer, row_id, merged), row_id]
+        return self._execute_unique(cursor, sealer, self._update, params)
+
+    def _stored(self, sealer: Sealer, row_id: int, values: dict[str, object]) -> list[object]:
+        """The writable columns as stored (sealed where they must be), then the digests."""
+        sealed = sealer.seal_values(self.spec.name, row_id, values)
+        return [
+            *(sealed[column.name] for column in self.spec.writable),
+            *(sealer.digest(self.spec.name, name, values[name]) for name in self._digests),
+        ]
 
     def delete(self, cursor: Cursor, row_id: int) -> bool:
         """Remove a row nothing references; False when it did not exist."""
         self._check_not_referenced(cursor, row_id)
         return cursor.execute(self._delete, [row_id]).fetchone() is not None
 
-    def _execute_unique(self, cursor: Cursor, sql: str, params: list[object]) -> Row | None:
+    def _execute_unique(
+        self, cursor: Cursor, sealer: Sealer, sql: str, params: list[object]
+    ) -> Row | None:
         try:
-            return self._row(cursor.execute(sql, params).fetchone())
+            return self._row(sealer, cursor.execute(sql, params).fetchone())
         except duckdb.ConstraintException as error:
             raise conflict(self._describe_violation(str(error))) from None
 
     def _describe_violation(self, message: str) -> str:
         for column in self.spec.columns:
-            if column.unique and f'"{column.name}:' in message:
+            indexed = self._digests.get(column.name, column.name)
+            if column.unique and f'"{indexed}:' in message:
                 return f"another {self.spec.singular} already has this {column.name}"
         return f"the {self.spec.singular} breaks a database constraint"
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.keys import exclusive_lock, write_private
+from empsecrets.files import exclusive_lock, write_private
 
 if TYPE_CHECKING:
     import builtins
