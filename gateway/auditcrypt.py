@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,8 @@ from empsecrets.fieldcrypt import (
     provision_ring,
     resolve_ring,
 )
-from empsecrets.providers import ProviderSettings, SecretError, VaultSettings
+from empsecrets.providers import ProviderSettings, SecretError
+from gateway import keys
 from gateway.config import ConfigError
 
 if TYPE_CHECKING:
@@ -57,19 +58,12 @@ def context(column: str, event_id: object) -> str:
 
 def provider_settings(config: GatewayConfig) -> ProviderSettings:
     """Where the data key ring's reference is resolved: [encryption]'s keystore, else [secrets]'."""
-    encryption, secrets = config.encryption, config.secrets
-    vault = None
-    if secrets.vault_address:
-        vault = VaultSettings(
-            address=secrets.vault_address,
-            token=secrets.vault_token,
-            ca_file=secrets.vault_ca_file,
-            namespace=secrets.vault_namespace or None,
-        )
-    return ProviderSettings(
-        keystore_file=encryption.keystore_file or secrets.keystore_file,
-        master_key_file=encryption.master_key_file or secrets.master_key_file,
-        vault=vault,
+    shared = keys.provider_settings(config.secrets)
+    encryption = config.encryption
+    return replace(
+        shared,
+        keystore_file=encryption.keystore_file or shared.keystore_file,
+        master_key_file=encryption.master_key_file or shared.master_key_file,
     )
 
 

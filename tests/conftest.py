@@ -84,6 +84,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
             extra: str = "",
             policy: str = "",
             server: str = "",
+            secrets: str = "",
             start: bool = True,
         ) -> PrivateGateway:
             root = tmp_path / f"gw-{len(list(tmp_path.glob('gw-*')))}"
@@ -100,6 +101,7 @@ def make_gateway(tmp_path: Path) -> Iterator[Any]:
                 extra=extra,
                 policy=policy,
                 server=server,
+                secrets=secrets,
             )
             subprocess.run(
                 [*GATEWAY, "--config", str(config), "setup"],

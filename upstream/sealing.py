@@ -205,6 +205,20 @@ def load_sealer(reference: str, settings: ProviderSettings) -> Sealer:
         ) from None
 
 
+def count_stale(cursor: Cursor, key_id: str) -> dict[str, int]:
+    """Rows per table holding a value not sealed under `key_id` (what a reseal would touch)."""
+    pattern = f"enc1.{key_id}.%"
+    counts = {}
+    for table, columns in {**SEALED_COLUMNS, QUARANTINE_TABLE: ("record", "review_note")}.items():
+        stale = " OR ".join(f"({column} IS NOT NULL AND {column} NOT LIKE ?)" for column in columns)
+        row = cursor.execute(
+            f"SELECT count(*) FROM {table} WHERE {stale}",  # noqa: S608  # nosec B608
+            [pattern] * len(columns),
+        ).fetchone()
+        counts[table] = int(row[0]) if row else 0
+    return counts
+
+
 def count_sealed(cursor: Cursor) -> int:
     """How many rows of this database hold a sealed value (under any key)."""
     total = 0

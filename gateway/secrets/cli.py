@@ -24,13 +24,16 @@ from gateway.logs import register_secret
 from gateway.secrets.inventory import as_json, inventory, render
 from gateway.secrets.rotate import (
     DATA_KEY_NAME,
+    EMP_DATA_KEY_NAME,
     RotationError,
     rotate_data_keys,
+    rotate_emp_data_keys,
     rotate_upstream_secret,
 )
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
 
     from gateway.config import GatewayConfig
 
@@ -47,7 +50,8 @@ def register(sub: Any) -> None:
     check.set_defaults(func=cmd_secrets_check)
     rotate = group.add_parser(
         "rotate",
-        help=f"rotate a secret with no downtime (signing_key, upstream_secret, {DATA_KEY_NAME})",
+        help="rotate a secret with no downtime (signing_key, upstream_secret,"
+        f" {DATA_KEY_NAME}, {EMP_DATA_KEY_NAME})",
     )
     rotate.add_argument("name", help="a name `secrets check` lists")
     rotate.add_argument(
@@ -109,21 +113,26 @@ _ELSEWHERE = {
 def cmd_secrets_rotate(config: GatewayConfig, args: argparse.Namespace) -> int:
     """Rotate one secret (or show the plan), audited; 2 for a secret rotated elsewhere."""
     name: str = args.name
-    if name == "signing_key":
-        from gateway.cli import cmd_keys_rotate  # noqa: PLC0415 - the same path as `keys rotate`
-
-        return cmd_keys_rotate(config, args)
-    if name == DATA_KEY_NAME:
-        return _rotate_data_keys(config, args)
-    if name != "upstream_secret":
-        known = {state.name: state.kind for state in inventory(config)}
-        if name not in known:
-            print(f"gateway: no secret named {name!r}; `gateway secrets check` lists them",  # noqa: T201
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        how = _ELSEWHERE.get(known[name], "see docs/security/secrets.md#rotation for its steps")
-        print(f"gateway: {name} is not rotated by this command: {how}", file=sys.stderr)  # noqa: T201
+    rotate = _ROTATIONS.get(name)
+    if rotate is not None:
+        return rotate(config, args)
+    known = {state.name: state.kind for state in inventory(config)}
+    if name not in known:
+        print(f"gateway: no secret named {name!r}; `gateway secrets check` lists them",  # noqa: T201
+              file=sys.stderr)  # fmt: skip
         return 2
+    how = _ELSEWHERE.get(known[name], "see docs/security/secrets.md#rotation for its steps")
+    print(f"gateway: {name} is not rotated by this command: {how}", file=sys.stderr)  # noqa: T201
+    return 2
+
+
+def _rotate_signing_key(config: GatewayConfig, args: argparse.Namespace) -> int:
+    from gateway.cli import cmd_keys_rotate  # noqa: PLC0415 - the same path as `keys rotate`
+
+    return cmd_keys_rotate(config, args)
+
+
+def _rotate_upstream_secret(config: GatewayConfig, args: argparse.Namespace) -> int:
     subject = getpass.getuser()
     try:
         rotation = rotate_upstream_secret(
@@ -161,6 +170,29 @@ def _rotate_data_keys(config: GatewayConfig, args: argparse.Namespace) -> int:
            **summary)  # fmt: skip
     print(json.dumps({"dry_run": args.dry_run, **summary}, indent=2))  # noqa: T201
     return 0
+
+
+def _rotate_emp_data_keys(config: GatewayConfig, args: argparse.Namespace) -> int:
+    """The EMP service adds a data key and reseals its database under it (audited)."""
+    subject = getpass.getuser()
+    try:
+        summary = rotate_emp_data_keys(config, dry_run=args.dry_run)
+    except RotationError as exc:
+        _audit(config, "secrets.rotation_failed", subject, name=EMP_DATA_KEY_NAME, error=str(exc))
+        print(f"gateway: rotation failed: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    _audit(config, "secrets.rotation_planned" if args.dry_run else "secrets.rotated", subject,
+           **summary)  # fmt: skip
+    print(json.dumps({"dry_run": args.dry_run, **summary}, indent=2))  # noqa: T201
+    return 0
+
+
+_ROTATIONS: dict[str, Callable[[GatewayConfig, argparse.Namespace], int]] = {
+    "signing_key": _rotate_signing_key,
+    "upstream_secret": _rotate_upstream_secret,
+    DATA_KEY_NAME: _rotate_data_keys,
+    EMP_DATA_KEY_NAME: _rotate_emp_data_keys,
+}
 
 
 def _audit(config: GatewayConfig, kind: str, subject: str, **detail: Any) -> None:

@@ -275,6 +275,25 @@ def _vault_key(config: GatewayConfig, key: GatewayKey, now: float) -> SecretStat
                  now=now, note=f"{source}, version {secret.version}")  # fmt: skip
 
 
+def _data_key_ring(config: GatewayConfig, now: float) -> SecretState:
+    """The audit store's data key ring, aged by its current key (`secrets rotate` renews it)."""
+    from empsecrets.fieldcrypt import DataKeyError, resolve_ring  # noqa: PLC0415 - on use
+    from empsecrets.providers import SecretError, SecretNotFoundError  # noqa: PLC0415
+    from gateway.auditcrypt import provider_settings  # noqa: PLC0415
+
+    name, source = "gateway_data_key", config.encryption.data_keys
+    try:
+        ring = resolve_ring(source, provider_settings(config))
+    except SecretNotFoundError as exc:
+        return SecretState(name, "key", source, "missing", None, None, note=str(exc))
+    except (SecretError, DataKeyError) as exc:
+        return SecretState(name, "key", source, "unreadable", None, None, note=str(exc))
+    current = ring.current_key
+    note = f"{source}, current key {current.key_id}, {len(ring.keys)} in the ring"
+    return _aged(config.secrets, name, "key", source, created_at=current.created_at.timestamp(),
+                 now=now, note=note)  # fmt: skip
+
+
 def inventory(config: GatewayConfig, *, now: float | None = None) -> list[SecretState]:
     """Every secret this configuration makes the gateway hold, in a stable order."""
     from empsecrets.providers import KeystoreReference, parse_reference  # noqa: PLC0415 - on use
@@ -297,6 +316,10 @@ def inventory(config: GatewayConfig, *, now: float | None = None) -> list[Secret
         if isinstance(reference, KeystoreReference):
             referenced.add(reference.name)
         states.append(_referenced_key(config, key, listing, now))
+    states.append(_data_key_ring(config, now))
+    ring = parse_reference(config.encryption.data_keys)
+    if isinstance(ring, KeystoreReference):
+        referenced.add(ring.name)
     if config.identity.enabled:
         states += _client_secrets(limits, config.identity.db_path, now)
     certificates: list[tuple[str, Path | None]] = [

@@ -233,6 +233,48 @@ def _reencrypt_here(path: Path, cipher: FieldCipher, batch_size: int) -> dict[st
     return done.public()
 
 
+# --- the EMP service's data keys (`gateway secrets rotate emp_data_key`) ----------------------
+#
+# The EMP service owns its ring (upstream [encryption]) and its database: it is asked, with
+# the gateway's secret, to add a key and reseal (POST /internal/rekey, docs/upstream.md). A dry
+# run asks it to count what a reseal would touch.
+
+EMP_DATA_KEY_NAME = "emp_data_key"
+UPSTREAM_REKEY_PATH = "/internal/rekey"
+
+
+def rotate_emp_data_keys(config: GatewayConfig, *, dry_run: bool) -> dict[str, Any]:
+    """The EMP service's answer (keys and counts); RotationError when it cannot be done."""
+    body = json.dumps({"rotate": not dry_run, "dry_run": dry_run}).encode()
+    request = urllib.request.Request(  # noqa: S310 - the configured upstream URL (http/https)
+        config.upstream.url.rstrip("/") + UPSTREAM_REKEY_PATH,
+        data=body,
+        method="POST",
+        headers={
+            SECRET_HEADER: read_secret(config.upstream.secret_file),
+            "X-Gateway-Subject": "gateway:rotation",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        # Resealing a whole database: as long as it takes (an hour is generous).
+        with urllib.request.urlopen(request, timeout=3600) as answer:  # noqa: S310  # nosec B310
+            result = json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        raise RotationError(
+            f"the EMP service refused the re-encryption ({refused.code}): {_error(refused)}"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RotationError(
+            f"the EMP service at {config.upstream.url} could not be asked ({exc}); a stopped"
+            " service finishes a cut-short reseal at its next start, but only a running one"
+            " can rotate"
+        ) from None
+    if not isinstance(result, dict) or "current_key" not in result:
+        raise RotationError(f"the EMP service answered {result!r}, not a re-encryption report")
+    return {"name": EMP_DATA_KEY_NAME, **result}
+
+
 def _admin_url(config: GatewayConfig) -> str:
     server = config.server
     return f"http://{server.admin_host}:{server.admin_port}{auditcrypt.REENCRYPT_PATH}"

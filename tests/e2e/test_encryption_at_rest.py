@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import json
 import ssl
+import subprocess
+import sys
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import duckdb
-from support.stack import prepare, start_gateway, start_upstream, write_gateway_config
+from support.stack import (
+    GATEWAY,
+    REPO,
+    prepare,
+    start_gateway,
+    start_upstream,
+    write_gateway_config,
+)
 
 from empsecrets.fieldcrypt import sealed_key_id
 from gateway.testing import free_port, mint_dev_token
@@ -105,6 +114,21 @@ def test_values_planted_through_the_api_are_nowhere_on_disk(tmp_path: Path) -> N
         ]
         # Running: the databases' WALs hold this session's writes.
         assert disk_hits(root, PLANTED) == {}
+
+        # Rotation while serving: a dry run counts, the rotation reseals, reads go on.
+        planned = rotate(config, "--dry-run")
+        assert planned["stale"] == {"employees": 0, "tickets": 0, "ingest_quarantine": 0}
+        done = rotate(config)
+        old_key, new_key = done["previous_key"], done["current_key"]
+        assert new_key != old_key
+        assert done["resealed"] == {"employees": 1, "tickets": 1, "ingest_quarantine": 0}
+        assert api.call("GET", f"/api/tickets/{ticket['id']}")["title"] == PLANTED["ticket title"]
+        audited = [json.loads(line) for line in (root / "audit.jsonl").read_text().splitlines()]
+        rotations = [e for e in audited if e["kind"].startswith("secrets.rotat")]
+        assert [(e["kind"], e["detail"]["name"]) for e in rotations] == [
+            ("secrets.rotation_planned", "emp_data_key"),
+            ("secrets.rotated", "emp_data_key"),
+        ]
     # Stopped: checkpointed databases, flushed audit store, closed logs.
     assert disk_hits(root, PLANTED) == {}
     with duckdb.connect(str(root / "emp.duckdb"), read_only=True) as connection:
@@ -112,4 +136,16 @@ def test_values_planted_through_the_api_are_nowhere_on_disk(tmp_path: Path) -> N
             "SELECT name, email, title FROM employees WHERE id = ?", [employee["id"]]
         ).fetchone()
     assert stored is not None
-    assert all(sealed_key_id(value) for value in stored)
+    assert {sealed_key_id(value) for value in stored} == {new_key}
+    # A rewrite leaves no value sealed under the old key in a freed block either.
+    compact = [sys.executable, "-m", "upstream", "db", "compact", "--db", str(root / "emp.duckdb")]
+    subprocess.run(compact, check=True, cwd=REPO, capture_output=True)
+    assert disk_hits(root, {"old key": f"enc1.{old_key}.", **PLANTED}) == {}
+
+
+def rotate(config: Path, *flags: str) -> dict[str, Any]:
+    """`gateway secrets rotate emp_data_key`, its printed JSON."""
+    command = [*GATEWAY, "--config", str(config), "secrets", "rotate", "emp_data_key", *flags]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -59,8 +59,6 @@ def prepared(tmp_path_factory) -> Path:
     config = write_gateway_config(
         root, https=free_port(), http=free_port(), admin=free_port(),
         upstream_url="http://127.0.0.1:9", jwks_url="http://127.0.0.1:9/jwks.json",
-        extra=f'[secrets]\nkeystore_file = "{root}/secrets/keystore.json"\n'
-              f'master_key_file = "{root}/secrets/keystore.master"\n',
     )  # fmt: skip
     use_key_references(config)
     setup = run(config, "setup")

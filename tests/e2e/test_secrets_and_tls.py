@@ -35,6 +35,7 @@ EXPECTED = {
     "model_key",
     "session_key",
     "totp_key",
+    "gateway_data_key",
     "tls_certificate",
     "tls_ca_certificate",
 }
@@ -108,7 +109,7 @@ def test_an_old_file_secret_is_due_then_overdue_and_a_limit_can_change_that(root
     state = _states(root)["session_key"]
     assert (state.status, state.failing) == ("overdue", True)
     assert 99.9 * DAY < state.age_seconds < 100.1 * DAY
-    _add_config(root, '[secrets]\n[[secrets.limits]]\nsecret = "session_key"\nmax_age_days = 200\n')
+    _add_config(root, '[[secrets.limits]]\nsecret = "session_key"\nmax_age_days = 200\n')
     assert _states(root)["session_key"].status == "ok"
 
 
@@ -118,7 +119,7 @@ def test_the_signing_key_age_comes_from_the_key_ring_not_the_file(root):
     document = json.loads(path.read_text())
     document["keys"][0]["created_at"] = int(time.time() - 40 * DAY)
     path.write_text(json.dumps(document))  # the file itself is brand new
-    _add_config(root, '[secrets]\n[[secrets.limits]]\nsecret = "signing_key"\nmax_age_days = 30\n')
+    _add_config(root, '[[secrets.limits]]\nsecret = "signing_key"\nmax_age_days = 30\n')
     state = _states(root)["signing_key"]
     assert state.status == "overdue"
     assert state.max_age_seconds == 30 * DAY
@@ -135,9 +136,7 @@ def test_client_secrets_are_aged_from_their_last_rotation_with_prefix_limits(roo
     with duckdb.connect(str(root / "identity.duckdb")) as db:
         db.execute("UPDATE clients SET rotated_at = now()::TIMESTAMP - INTERVAL 50 DAY "
                    "WHERE client_id = 'etl'")  # fmt: skip
-    _add_config(
-        root, '[secrets]\n[[secrets.limits]]\nsecret = "client_secret:*"\nmax_age_days = 45\n'
-    )
+    _add_config(root, '[[secrets.limits]]\nsecret = "client_secret:*"\nmax_age_days = 45\n')
     states = _states(root)
     assert states["client_secret:etl"].status == "overdue"
     assert states["client_secret:old"].status == "ok"
@@ -177,14 +176,14 @@ def test_the_cli_exits_1_on_a_deployment_with_an_old_key(root):
     """`gateway secrets check`: 0 when all are within limits, 1 naming the overdue one."""
     fresh = _check(root)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-    assert "0 of 8 need attention" in fresh.stdout
+    assert "0 of 9 need attention" in fresh.stdout
     _age(root / "secrets" / "upstream.secret", 120)
     old = _check(root)
     assert old.returncode == 1
     assert re.search(
         r"^upstream_secret\s+shared_secret\s+120d\s+90d\s+overdue", old.stdout, re.MULTILINE
     )
-    assert "1 of 8 need attention: upstream_secret" in old.stdout
+    assert "1 of 9 need attention: upstream_secret" in old.stdout
     report = json.loads(_check(root, "--json").stdout)
     assert report["failing"] == ["upstream_secret"]
     assert (root / "secrets" / "upstream.secret").read_text().strip() not in old.stdout
@@ -221,7 +220,7 @@ def _wait_for(admin_port: int, series: str, wanted, timeout: float = 15.0) -> st
 def test_the_gateway_exports_ages_limits_and_expiry_and_follows_changes(make_gateway):
     """The age metrics are the inventory's, re-read every refresh_seconds: an aged secret shows
     up as failing without a restart."""
-    gateway = make_gateway("http://127.0.0.1:9", extra="[secrets]\nrefresh_seconds = 0.3\n")
+    gateway = make_gateway("http://127.0.0.1:9", secrets="refresh_seconds = 0.3\n")
     # The first inventory runs in the background after start: wait for its series.
     upstream_age = 'gateway_secret_age_seconds{secret="upstream_secret"}'
     text = _wait_for(gateway.admin_port, upstream_age, lambda v: v >= 0)
@@ -372,9 +371,6 @@ def test_the_keystore_commands_keep_values_out_of_every_output(root):
     """init, put (from stdin), list, rotate-master, delete: each audited by name and version;
     no value in argv, output, audit, or the keystore file; `secrets check` lists its entries
     and its master key."""
-    keystore = f'keystore_file = "{root}/secrets/keystore.json"\n'
-    master = f'master_key_file = "{root}/secrets/keystore.master"\n'
-    _add_config(root, "[secrets]\n" + keystore + master)
     value = "planted-keystore-value-7d1f0c"
     assert _gateway(root, "secrets", "keystore", "list").returncode == 2  # none yet: no key made
     assert not (root / "secrets" / "keystore.master").exists()

@@ -152,8 +152,13 @@ def write_gateway_config(
     server: str = "",
     decision_log: str = "",
     streams_file: Path | None = None,
+    secrets: str = "",
 ) -> Path:
-    """A gateway.toml whose every path points into root (policies and routes from the repo)."""
+    """A gateway.toml whose every path points into root (policies and routes from the repo).
+
+    The keystore too: without it `keystore:` references and `secrets check` would read the
+    checkout's own var/secrets/keystore.json. `secrets` adds keys to [secrets].
+    """
     text = f"""
 [server]
 host = "127.0.0.1"
@@ -203,6 +208,10 @@ streams_file = "{streams_file or REPO / "config/streams.toml"}"
 model_dir = "{root}/models"
 model_key_file = "{root}/secrets/model.key"
 model_check_seconds = 0.5
+[secrets]
+keystore_file = "{root}/secrets/keystore.json"
+master_key_file = "{root}/secrets/keystore.master"
+{secrets}
 [logging]
 level = "info"
 {extra}

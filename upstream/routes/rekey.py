@@ -3,7 +3,8 @@
 The gateway's `gateway secrets rotate emp_data_key` asks for it. With ``{"rotate": true}``
 this service first adds a new key to its ring (a `keystore:` ring only) and makes it current;
 with ``{"rotate": false}`` it resolves the ring again, for a ring rotated in its provider by
-hand. Then it reseals, a batch per transaction between other writes, and answers the counts
+hand; ``"dry_run": true`` changes nothing and counts the rows a reseal would touch. Then it
+reseals, a batch per transaction between other writes, and answers the counts
 and the keys the ring holds. Like every route but the health check it needs the gateway's
 secret, and the gateway's route table names no ``/internal/`` path.
 """
@@ -17,7 +18,7 @@ from empsecrets.providers import SecretError
 from upstream.config import UpstreamConfig
 from upstream.errors import bad_request, conflict
 from upstream.routes.common import database, read_json_body
-from upstream.sealing import Sealer
+from upstream.sealing import Sealer, count_stale
 
 REKEY_PATH = "/internal/rekey"
 CONFIG = web.AppKey("config", UpstreamConfig)
@@ -28,8 +29,15 @@ async def rekey(request: web.Request) -> web.Response:
     """Rotate (or reload) the ring, then reseal; one run at a time."""
     body = await read_json_body(request)
     rotate = body.get("rotate") if isinstance(body, dict) else None
-    if not isinstance(rotate, bool):
+    dry_run = body.get("dry_run", False) if isinstance(body, dict) else None
+    if not isinstance(rotate, bool) or not isinstance(dry_run, bool):
         raise bad_request('send {"rotate": true} to add a key, or {"rotate": false} to reload')
+    if dry_run:
+        db = database(request)
+        key_id = db.sealer.key_id
+        stale = await db.read(lambda cursor: count_stale(cursor, key_id))
+        keys = sorted(db.sealer.cipher.ring.keys)
+        return web.json_response({"current_key": key_id, "keys": keys, "stale": stale})
     lock = request.app[_LOCK]
     if lock.locked():
         raise conflict("a re-encryption is in progress; try again when it has finished")
