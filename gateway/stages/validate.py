@@ -217,11 +217,12 @@ class ValidateStage:
         return records
 
     def _check(self, route: Route, payload: Any) -> None:
+        hidden = route.sensitive | route.sealed
         schema = self._schemas.get(route.name)
         if schema is not None:
-            _raise_first_error(schema, payload, prefix="")
+            _raise_first_error(schema, payload, prefix="", hidden=hidden)
         if route.rules:
-            _raise_first_violation(route.rules, payload, prefix="")
+            _raise_first_violation(route.rules, payload, prefix="", hidden=hidden)
 
     def _checker(self, route: Route, spec: StreamSpec) -> RecordChecker:
         """The stream's checker on this route (cached for listed streams)."""
@@ -433,33 +434,41 @@ def _batch_denial(spec: StreamSpec, outcomes: list[Outcome]) -> Denial:
     return denial
 
 
-def _raise_first_error(check: SchemaCheck, instance: Any, *, prefix: str) -> None:
+def _raise_first_error(
+    check: SchemaCheck, instance: Any, *, prefix: str, hidden: frozenset[str] = frozenset()
+) -> None:
     errors = check.errors(instance)
     if not errors:
         return
     error = jsonschema.exceptions.best_match(iter(errors))
     assert error is not None  # noqa: S101 - best_match of a non-empty list
-    pointer = prefix + json_pointer([*error.absolute_path, *offending_key(error)])
-    raise Denial(
-        "validation.schema",
-        f"{pointer or '/'}: {error.message}"[:500],
-        pointer=pointer,
-    )
+    path = [*error.absolute_path, *offending_key(error)]
+    pointer = prefix + json_pointer(path)
+    message = error.message
+    if path and path[0] in hidden:
+        # jsonschema quotes the value ("'...' is too long"): a sensitive or sealed field's
+        # value must not reach the audit trail through a refusal either.
+        message = f"the value fails the schema's {error.validator!r} check (not shown)"
+    raise Denial("validation.schema", f"{pointer or '/'}: {message}"[:500], pointer=pointer)
 
 
-def _raise_first_violation(rules: RuleSet, record: Any, *, prefix: str) -> None:
+def _raise_first_violation(
+    rules: RuleSet, record: Any, *, prefix: str, hidden: frozenset[str] = frozenset()
+) -> None:
     """The route's rules, after the schema passed: the first violation refuses (422)."""
     violations = rules.check(record)
     if not violations:
         return
     first = violations[0]
     pointer = prefix + first.pointer
+    field = first.pointer.split("/")[1] if first.pointer.startswith("/") else ""
+    message = f"rule {first.rule!r} failed (value not shown)" if field in hidden else first.message
     denial = Denial(
         "validation.rule",
-        f"{pointer or '/'}: {first.message}"[:500],
+        f"{pointer or '/'}: {message}"[:500],
         pointer=pointer,
         rule=first.rule,
     )
     # Denial's own `message` parameter is the client-facing text; the detail carries the rule's.
-    denial.detail["message"] = first.message[:500]
+    denial.detail["message"] = message[:500]
     raise denial

@@ -12,12 +12,14 @@ import json
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 from support.stack import (
     GATEWAY,
     REPO,
@@ -36,6 +38,7 @@ PLANTED = {
     "employee title": "Director of KESTREL-44 Compensation",
     "ticket title": "Grievance QUINCE-5150 about pay",
     "ticket description": "Medical leave: diagnosis WOMBAT-LAZULI, phone +1-555-0199-77",
+    "refused title": "Too long and secret: MARMOT-ZIRCON-8",
 }
 
 
@@ -104,6 +107,10 @@ def test_values_planted_through_the_api_are_nowhere_on_disk(tmp_path: Path) -> N
                 "assignee_id": employee["id"],
             },
         )
+        # A refused write: its schema message must not carry the sealed field's value either.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            api.call("POST", "/api/tickets", {"title": PLANTED["refused title"] + "x" * 300})
+        assert refused.value.code == 422
         # Read back through the gateway: the clients see plaintext.
         assert (
             api.call("GET", f"/api/employees/{employee['id']}")["name"] == PLANTED["employee name"]
