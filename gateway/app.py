@@ -341,7 +341,9 @@ def _console_handlers(
     console = Console(
         state,
         upstream=upstream,
-        search=lambda search: search_events(state.audit, search, _remote_search(state)),
+        search=lambda search: search_events(
+            state.audit, search, _remote_search(state), flush=False
+        ),
     )
     return console.handlers()
 

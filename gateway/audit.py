@@ -293,6 +293,7 @@ class AuditWriter:
         self._interval = flush_interval_seconds
         self._batch_size = batch_size
         self._pending: list[_Row] = []  # rows not yet in DuckDB
+        self._in_flight: list[_Row] = []  # the batch a flush is storing now
         self._db: duckdb.DuckDBPyConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -400,6 +401,7 @@ class AuditWriter:
         batch, self._pending = self._pending, []
         own = self._checkpoint()
         checkpoints = [*checkpoints, own] if own is not None else checkpoints
+        self._in_flight = batch
         try:
             await asyncio.to_thread(
                 _insert, self._db, batch, self._spool, checkpoints, self._cipher
@@ -409,6 +411,8 @@ class AuditWriter:
             self._pending[:0] = batch
             log.exception("audit.flush_failed", pending=len(self._pending))
             raise
+        finally:
+            self._in_flight = []
         for path in loaded:
             path.unlink(missing_ok=True)  # only once their rows are in
         self._taken.clear()
@@ -433,12 +437,26 @@ class AuditWriter:
             raise
         self.written += len(batch)
 
+    def unstored(self) -> list[tuple[dict[str, Any], str | None]]:
+        """Events of this process not committed to the store yet, and their store-only detail.
+
+        What a read without a flush adds to what the store answers (parsed JSON line, detail
+        as JSON text).
+        """
+        return [
+            (json.loads(row.raw), row.sealed_detail) for row in (*self._in_flight, *self._pending)
+        ]
+
     async def search(
-        self, work: Callable[[duckdb.DuckDBPyConnection], T], remote: Callable[[], Awaitable[T]]
+        self,
+        work: Callable[[duckdb.DuckDBPyConnection], T],
+        remote: Callable[[], Awaitable[T]],
+        *,
+        flush: bool = True,
     ) -> T:
         """Run a read here when this process owns the store, else ask the owner (`remote`)."""
         if self._db is not None:
-            return await self.run(work)
+            return await self.run(work, flush=flush)
         return await remote()
 
     def _checkpoint(self) -> list[Any] | None:
@@ -458,11 +476,12 @@ class AuditWriter:
         await self.flush()
         return await asyncio.to_thread(_query, self._db, sql, params)
 
-    async def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """Run `work` on a cursor of the audit store in a thread, after a flush."""
+    async def run(self, work: Callable[[duckdb.DuckDBPyConnection], T], *, flush: bool = True) -> T:
+        """Run `work` on a cursor of the audit store in a thread, after a flush unless told not."""
         if self._db is None:
             raise RuntimeError("the audit store is not open")
-        await self.flush()
+        if flush:
+            await self.flush()
         db = self._db
 
         def on_cursor() -> T:

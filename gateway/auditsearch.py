@@ -172,11 +172,18 @@ def exported(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def search_events(
-    audit: AuditWriter | None, search: dict[str, Any], remote: RemoteSearch | None
+    audit: AuditWriter | None,
+    search: dict[str, Any],
+    remote: RemoteSearch | None,
+    *,
+    flush: bool = True,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """A page of events (newest first) and the next cursor, wherever the store is.
 
-    Here, or with the worker that owns it (`remote`, gateway/workers.py).
+    Here, or with the worker that owns it (`remote`, gateway/workers.py). With `flush` False
+    (the console's pages) the store is read as it is and this process's events not yet stored
+    are merged in from memory: the same page, without waiting for a flush to commit
+    (measured: the flush was half of an audit page's time under load).
     """
     if audit is None:
         raise Denial("internal.error", "the audit store is not open")
@@ -191,15 +198,65 @@ async def search_events(
             raise Denial("internal.error", "the audit store is not reachable") from None
 
     try:
-        return await audit.search(
-            lambda cursor: run_search(cursor, search, audit.cipher), ask_owner
+        if flush or not audit.owns_store:
+            return await audit.search(
+                lambda cursor: run_search(cursor, search, audit.cipher), ask_owner
+            )
+        unstored = audit.unstored()  # before the read: a row stored meanwhile is in both
+        stored, following = await audit.search(
+            lambda cursor: run_search(cursor, search, audit.cipher), ask_owner, flush=False
         )
+        return _merged(search, stored, following, unstored)
     except DataKeyError as exc:
         # Fail closed: no page rather than a page with an event that cannot be trusted.
         log.error("audit.decrypt_failed", error=str(exc))  # noqa: TRY400 - no traceback needed
         raise Denial(
             "internal.error", "an audit event did not decrypt; run `gateway audit verify`"
         ) from None
+
+
+def _merged(
+    search: dict[str, Any],
+    stored: list[dict[str, Any]],
+    following: str | None,
+    unstored: list[tuple[dict[str, Any], str | None]],
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The store's page with the matching events not stored yet, newest first, cut to limit."""
+    seen = {event["event_id"] for event in stored}
+    extra = []
+    for event, private in unstored:
+        if event.get("event_id") in seen or not _matches(event, search):
+            continue
+        if private is not None:
+            event[SEALED_DETAIL] = json.loads(private)
+        extra.append(event)
+    if not extra:
+        return stored, following
+    page = sorted([*stored, *extra], key=_position, reverse=True)
+    limit = search["limit"]
+    if len(page) <= limit and following is None:
+        return page, None
+    page = page[:limit]
+    return page, _encode_cursor(*_position(page[-1]))
+
+
+def _position(event: dict[str, Any]) -> tuple[int, str]:
+    """An event's place in the newest-first order: (epoch microseconds, event id)."""
+    moment = datetime.fromisoformat(event["time"])
+    seconds = int(moment.timestamp())
+    return seconds * 1_000_000 + moment.microsecond, str(event["event_id"])
+
+
+def _matches(event: dict[str, Any], search: dict[str, Any]) -> bool:
+    """The store's filters (run_search's WHERE), on an event held in memory."""
+    if any(event.get(name) != search[name] for name in _FILTERS & set(search)):
+        return False
+    moment = datetime.fromisoformat(event["time"])
+    if "since" in search and moment < datetime.fromisoformat(search["since"]):
+        return False
+    if "until" in search and moment >= datetime.fromisoformat(search["until"]):
+        return False
+    return "cursor" not in search or _position(event) < tuple(search["cursor"])
 
 
 async def serve_audit_search(

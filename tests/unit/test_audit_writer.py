@@ -7,6 +7,7 @@ import json
 
 import duckdb
 import pytest
+from multidict import MultiDict
 from support.datakeys import CIPHER
 
 from gateway.audit import (
@@ -17,6 +18,7 @@ from gateway.audit import (
     system_event,
 )
 from gateway.auditcrypt import decrypt_detail
+from gateway.auditsearch import parse_search, search_events
 
 
 @pytest.fixture
@@ -187,3 +189,39 @@ async def test_a_failed_flush_does_not_take_an_inbox_event_twice(writer, tmp_pat
     await writer.flush()
     kinds = writer._db.execute("SELECT kind, seq FROM audit_events").fetchall()
     assert kinds == [("keys.rotated", 1)]
+
+
+async def test_a_read_without_a_flush_merges_the_events_not_stored_yet(writer):
+    """The console's read (flush=False) answers the same pages as a flushing read: stored
+    events and the ones still in memory, newest first, filtered, with working cursors."""
+
+    for index, event in enumerate(events(7)):
+        event["subject"] = "bob" if index % 2 else "alice"
+        writer.emit(event)
+    await writer.flush()
+    for index in range(6):
+        event = protocol_error_event(f"late-{index}", 400, "request.malformed_http", "127.0.0.1")
+        event["subject"] = "bob" if index % 2 else "alice"
+        writer.emit(event, {"changes": {"title": f"sealed {index}"}})
+    assert writer.backlog == 6
+
+    async def pages(query: dict[str, str], *, flush: bool) -> list[list[str]]:
+        found, cursor = [], None
+        while True:
+            given = dict(query, **({"cursor": cursor} if cursor else {}))
+            items, cursor = await search_events(
+                writer, parse_search(MultiDict(given)), None, flush=flush
+            )
+            found.append([item["request_id"] for item in items])
+            if cursor is None:
+                return found
+
+    merged = await pages({"limit": "4"}, flush=False)
+    bobs = await pages({"limit": "2", "subject": "bob"}, flush=False)
+    assert writer.backlog == 6  # nothing was flushed to answer
+    newest, _ = await search_events(writer, parse_search(MultiDict(limit="1")), None, flush=False)
+    assert newest[0]["sealed_detail"] == {"changes": {"title": "sealed 5"}}
+    assert [len(page) for page in merged] == [4, 4, 4, 1]
+    assert merged[0][:2] == ["late-5", "late-4"]
+    assert merged == await pages({"limit": "4"}, flush=True)  # flushes, then the same pages
+    assert bobs == await pages({"limit": "2", "subject": "bob"}, flush=True)
