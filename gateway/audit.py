@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ import duckdb
 import structlog
 
 from gateway.auditchain import Chain, checkpoint_message, key_id
-from gateway.auditcrypt import VALIDATION_TYPE, Reencryption, reencrypt, row_line
+from gateway.auditcrypt import VALIDATION_TYPE, Reencryption, apply_spooled, reencrypt, row_line
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -722,21 +721,5 @@ def _insert(
     batch's chains go in the same transaction.
     """
     lines = [row_line(row.raw, cipher, row.sealed_detail) for row in rows]
-    fd, name = tempfile.mkstemp(prefix=".audit-batch-", suffix=".ndjson", dir=spool)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-        cursor = connection.cursor()
-        try:
-            cursor.begin()
-            cursor.execute(_INSERT, [name])
-            for checkpoint in checkpoints or ():
-                cursor.execute(_INSERT_CHECKPOINT, checkpoint)
-            cursor.commit()
-        except Exception:
-            cursor.rollback()
-            raise
-        finally:
-            cursor.close()
-    finally:
-        Path(name).unlink()
+    then = [(_INSERT_CHECKPOINT, checkpoint) for checkpoint in checkpoints or ()]
+    apply_spooled(connection, lines, spool, prefix=".audit-batch-", statement=_INSERT, then=then)

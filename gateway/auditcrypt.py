@@ -31,7 +31,7 @@ from gateway import keys
 from gateway.config import ConfigError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import duckdb
 
@@ -277,14 +277,34 @@ def _json_or_none(text: str) -> Any:
 
 def _update(connection: duckdb.DuckDBPyConnection, lines: list[str], spool: Path) -> None:
     """One batch, spooled (ciphertext only) and applied in one transaction."""
-    fd, name = tempfile.mkstemp(prefix=".audit-reencrypt-", suffix=".ndjson", dir=spool)
+    apply_spooled(connection, lines, spool, prefix=".audit-reencrypt-", statement=_UPDATE)
+
+
+def apply_spooled(
+    connection: duckdb.DuckDBPyConnection,
+    lines: list[str],
+    spool: Path,
+    *,
+    prefix: str,
+    statement: str,
+    then: Sequence[tuple[str, list[Any]]] = (),
+) -> None:
+    """Spool `lines` beside the store, then run `statement` on the file and `then`, as one.
+
+    `lines` are NDJSON rows, ciphertext in the sealed columns; `statement`'s one parameter is
+    the file's name; `then` runs in the same transaction. The file is removed whatever
+    happens (why a file: gateway/audit.py, above _INSERT).
+    """
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".ndjson", dir=spool)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.writelines(lines)
         cursor = connection.cursor()
         try:
             cursor.begin()
-            cursor.execute(_UPDATE, [name])
+            cursor.execute(statement, [name])
+            for sql, params in then:
+                cursor.execute(sql, params)
             cursor.commit()
         except Exception:
             cursor.rollback()
@@ -293,9 +313,6 @@ def _update(connection: duckdb.DuckDBPyConnection, lines: list[str], spool: Path
             cursor.close()
     finally:
         Path(name).unlink()
-
-
-# --- the running gateway's part of `gateway secrets rotate gateway_data_key` ---------------
 
 
 def add_reencrypt_api(
