@@ -37,6 +37,8 @@ SEALED_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
 }
 DIGESTS: Final = {"employees": {"email": "email_digest"}}  # blind index of a sealed column
 QUARANTINE_TABLE: Final = "ingest_quarantine"
+# Every table and column that holds sealed values (the quarantine's are bound to other contexts).
+ALL_SEALED: Final = {**SEALED_COLUMNS, QUARANTINE_TABLE: ("record", "review_note")}
 RESEAL_BATCH_ROWS = 1_000
 
 
@@ -207,26 +209,25 @@ def load_sealer(reference: str, settings: ProviderSettings) -> Sealer:
 
 def count_stale(cursor: Cursor, key_id: str) -> dict[str, int]:
     """Rows per table holding a value not sealed under `key_id` (what a reseal would touch)."""
-    pattern = f"enc1.{key_id}.%"
-    counts = {}
-    for table, columns in {**SEALED_COLUMNS, QUARANTINE_TABLE: ("record", "review_note")}.items():
-        stale = " OR ".join(f"({column} IS NOT NULL AND {column} NOT LIKE ?)" for column in columns)
-        row = cursor.execute(
-            f"SELECT count(*) FROM {table} WHERE {stale}",  # noqa: S608  # nosec B608
-            [pattern] * len(columns),
-        ).fetchone()
-        counts[table] = int(row[0]) if row else 0
-    return counts
+    return _rows_where_any(cursor, "({} IS NOT NULL AND {} NOT LIKE ?)", f"enc1.{key_id}.%")
 
 
 def count_sealed(cursor: Cursor) -> int:
     """How many rows of this database hold a sealed value (under any key)."""
-    total = 0
-    for table, columns in {**SEALED_COLUMNS, QUARANTINE_TABLE: ("record", "review_note")}.items():
-        sealed = " OR ".join(f"{column} LIKE 'enc1.%'" for column in columns)
-        row = cursor.execute(f"SELECT count(*) FROM {table} WHERE {sealed}").fetchone()  # noqa: S608  # nosec B608
-        total += int(row[0]) if row else 0
-    return total
+    return sum(_rows_where_any(cursor, "{} LIKE ?", "enc1.%").values())
+
+
+def _rows_where_any(cursor: Cursor, condition: str, pattern: str) -> dict[str, int]:
+    """Rows per table where any sealed column meets `condition` ({}: the column, ?: pattern)."""
+    counts = {}
+    for table, columns in ALL_SEALED.items():
+        where = " OR ".join(condition.format(column, column) for column in columns)
+        row = cursor.execute(
+            f"SELECT count(*) FROM {table} WHERE {where}",  # noqa: S608  # nosec B608
+            [pattern] * len(columns),
+        ).fetchone()
+        counts[table] = int(row[0]) if row else 0
+    return counts
 
 
 def compact_database(path: Path, fresh: Path) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from support.disk import disk_hits
 from support.stack import (
     GATEWAY,
     REPO,
@@ -40,19 +41,6 @@ PLANTED = {
     "ticket description": "Medical leave: diagnosis WOMBAT-LAZULI, phone +1-555-0199-77",
     "refused title": "Too long and secret: MARMOT-ZIRCON-8",
 }
-
-
-def disk_hits(root: Path, needles: dict[str, str]) -> dict[str, list[str]]:
-    """Which needles occur as bytes (UTF-8, and UTF-16 as some tools write) in which files."""
-    hits: dict[str, list[str]] = {}
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        for label, needle in needles.items():
-            if needle.encode() in data or needle.encode("utf-16-le") in data:
-                hits.setdefault(label, []).append(str(path.relative_to(root)))
-    return hits
 
 
 class Api:

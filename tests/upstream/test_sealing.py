@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from support.disk import disk_hits
 from support.envelopes import accepted, envelope, post_envelope, quarantined
 
 from empsecrets.fieldcrypt import resolve_ring, sealed_key_id, store_ring
@@ -21,7 +22,7 @@ from upstream.config import DatabaseConfig, UpstreamConfig
 from upstream.database import Database
 from upstream.errors import SetupError
 from upstream.migrations import apply_pending, discover_migrations
-from upstream.sealing import SEALED_COLUMNS, load_sealer
+from upstream.sealing import ALL_SEALED, load_sealer
 
 REFERENCE = "keystore:emp-data-keys"
 # Values no code path writes anywhere but through the API under test.
@@ -34,19 +35,6 @@ SECRETS = {
     "record": "reading-from-sensor-NIGHTJAR-5",
     "note": "reviewed: looked like SPARROWHAWK tampering",
 }
-
-
-def disk_hits(root: Path, needles: dict[str, str]) -> dict[str, list[str]]:
-    """Which needles occur, as UTF-8 bytes, in which files under root."""
-    hits: dict[str, list[str]] = {}
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        for label, needle in needles.items():
-            if needle.encode() in data:
-                hits.setdefault(label, []).append(str(path.relative_to(root)))
-    return hits
 
 
 async def plant(api) -> dict[str, int]:
@@ -107,7 +95,7 @@ async def read_back(api, ids: dict[str, int]) -> None:
 
 def stored_key_ids(db_path: Path) -> set[str | None]:
     """The key id of every stored value of every sealed column (None: not sealed)."""
-    columns = {**SEALED_COLUMNS, "ingest_quarantine": ("record", "review_note")}
+    columns = ALL_SEALED
     found: set[str | None] = set()
     with duckdb.connect(str(db_path), read_only=True) as connection:
         for table, names in columns.items():
