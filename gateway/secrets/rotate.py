@@ -34,6 +34,7 @@ from gateway.auditcrypt import count_stale, reencrypt
 from gateway.keys import read_secret
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from gateway.config import GatewayConfig
@@ -256,22 +257,16 @@ def rotate_emp_data_keys(config: GatewayConfig, *, dry_run: bool) -> dict[str, A
             "Content-Type": "application/json",
         },
     )
-    try:
-        # Resealing a whole database: as long as it takes (an hour is generous).
-        with urllib.request.urlopen(request, timeout=3600) as answer:  # noqa: S310  # nosec B310
-            result = json.loads(answer.read())
-    except urllib.error.HTTPError as refused:
-        raise RotationError(
-            f"the EMP service refused the re-encryption ({refused.code}): {_error(refused)}"
-        ) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RotationError(
+    result = _reencryption_report(
+        request,
+        who="the EMP service",
+        key="current_key",
+        unreachable=lambda exc: (
             f"the EMP service at {config.upstream.url} could not be asked ({exc}); a stopped"
             " service finishes a cut-short reseal at its next start, but only a running one"
             " can rotate"
-        ) from None
-    if not isinstance(result, dict) or "current_key" not in result:
-        raise RotationError(f"the EMP service answered {result!r}, not a re-encryption report")
+        ),
+    )
     return {"name": EMP_DATA_KEY_NAME, **result}
 
 
@@ -284,22 +279,42 @@ def _ask_gateway(url: str, *, dry_run: bool) -> dict[str, Any]:
     """POST /audit/reencrypt to the gateway that holds the store; its counts."""
     target = url + ("?dry_run=1" if dry_run else "")
     request = urllib.request.Request(target, data=b"", method="POST")  # noqa: S310 - our admin URL
+    body = _reencryption_report(
+        request,
+        who="the running gateway",
+        key="values",
+        unreachable=lambda exc: (
+            "the audit store is held by another process and the gateway's admin port "
+            f"({url}) did not answer ({exc}); stop the gateway and run the rotation again"
+        ),
+    )
+    return {k: body.get(k) for k in ("rows", "values", "plaintext")}
+
+
+def _reencryption_report(
+    request: urllib.request.Request,
+    *,
+    who: str,
+    key: str,
+    unreachable: Callable[[Exception], str],
+) -> dict[str, Any]:
+    """The JSON object a re-encryption answers (it has `key`); RotationError otherwise.
+
+    `unreachable` words the error when nobody answers, and what to do then.
+    """
     try:
-        # A whole store's re-encryption: as long as archiving it (an hour is generous).
+        # A whole store's re-encryption: as long as it takes (an hour is generous).
         with urllib.request.urlopen(request, timeout=3600) as answer:  # noqa: S310  # nosec B310
             body = json.loads(answer.read())
     except urllib.error.HTTPError as refused:
         raise RotationError(
-            f"the running gateway refused the re-encryption ({refused.code}): {_error(refused)}"
+            f"{who} refused the re-encryption ({refused.code}): {_error(refused)}"
         ) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise RotationError(
-            "the audit store is held by another process and the gateway's admin port "
-            f"({url}) did not answer ({exc}); stop the gateway and run the rotation again"
-        ) from None
-    if not isinstance(body, dict) or "values" not in body:
-        raise RotationError(f"the gateway answered {body!r}, not a re-encryption report")
-    return {k: body.get(k) for k in ("rows", "values", "plaintext")}
+        raise RotationError(unreachable(exc)) from None
+    if not isinstance(body, dict) or key not in body:
+        raise RotationError(f"{who} answered {body!r}, not a re-encryption report")
+    return body
 
 
 def _error(answer: urllib.error.HTTPError) -> str:
