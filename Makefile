@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 # The SAST gate: bandit fails the build on any high-severity finding. SAST_DEPS= lets a test
 # run the gate on a copy of the tree without installing that copy into the venv.
-SAST_PATHS ?= gateway upstream empsecrets
+SAST_PATHS ?= gateway upstream empsecrets emparchive
 SAST_DEPS ?= venv
 # Test processes: each runs whole test files (their module-scoped servers stay in one process).
 TEST_WORKERS ?= 2

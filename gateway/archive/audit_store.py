@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from gateway.archive.files import (
+from emparchive.files import (
     ArchiveError,
     ArchiveFile,
     Content,

@@ -19,10 +19,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from emparchive.files import ArchiveError
 from gateway.archive.audit_store import CHECKPOINTS, EVENTS, archive_audit
 from gateway.archive.decisions import TABLE as DECISIONS
 from gateway.archive.decisions import archive_decision_log
-from gateway.archive.files import ArchiveError
 from gateway.archive.report import RunReport, TableResult
 from gateway.audit import system_event
 from gateway.policy.decisionlog import rotate_file

@@ -12,8 +12,8 @@ import duckdb
 import pytest
 from support.archive import REPO, archived, committed_archives, days_ago, run_crashing
 
+from emparchive.files import ensure_log
 from gateway.archive.decisions import archive_decision_log
-from gateway.archive.files import ensure_log
 from gateway.pipeline import Decision
 from gateway.policy.decisionlog import DecisionLog, read_log, rotate_file, segments
 

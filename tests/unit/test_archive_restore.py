@@ -18,11 +18,11 @@ import duckdb
 import pytest
 from support.archive import REPO, days_ago, write_chain
 
+from emparchive.files import ensure_log
 from empsecrets.fieldcrypt import DataKeyRing, FieldCipher
 from empsecrets.providers import Keystore
 from gateway.archive.audit_store import archive_audit
 from gateway.archive.decisions import archive_decision_log
-from gateway.archive.files import ensure_log
 from gateway.auditchain import ensure_checkpoint_key, load_checkpoint_key
 from gateway.policy.decisionlog import rotate_file
 from upstream.archive.tables import Archiver

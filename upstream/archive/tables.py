@@ -16,7 +16,7 @@ from typing import Any
 
 import duckdb
 
-from upstream.archive.files import (
+from emparchive.files import (
     ArchiveError,
     ArchiveFile,
     Content,
