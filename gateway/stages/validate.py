@@ -182,10 +182,11 @@ class ValidateStage:
         else:
             self._check(route, ctx.payload)
             if isinstance(ctx.payload, dict):
-                ctx.detail["changes"] = changed_fields(ctx.payload, route.sensitive | route.sealed)
-                full = changed_fields(ctx.payload, route.sensitive)
-                if sealed := {name: full[name] for name in route.sealed if name in full}:
+                changes = changed_fields(ctx.payload, route.sensitive)
+                if sealed := {name: changes[name] for name in route.sealed if name in changes}:
                     ctx.sealed_detail["changes"] = sealed
+                    changes = {name: "***" if name in sealed else v for name, v in changes.items()}
+                ctx.detail["changes"] = changes
 
     def _parse(self, body: bytes, content_type: str) -> Any:
         try:
